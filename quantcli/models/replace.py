@@ -1,0 +1,95 @@
+"""Swap a model's linear layers for `QuantLinear`: the one entry point, driven by a config.
+
+Works on any PyTorch model: ``nn.Linear`` and transformers' GPT-2 style ``Conv1D`` (weight
+stored transposed) are replaced; the output head and layers matching an exclude pattern
+stay in float. On the ``meta`` device it only reshapes the skeleton (no data touched), so a
+checkpoint can then be loaded into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from quantcli.config import Granularity, QuantConfig
+from quantcli.errors import InvalidTensorError
+from quantcli.nn.qlinear import QuantLinear
+
+
+@dataclass
+class ReplacementReport:
+    """Which linear layers were quantized, and why the others were kept in float."""
+
+    replaced: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def replace_linear_layers(model: nn.Module, config: QuantConfig) -> ReplacementReport:
+    """Quantize every eligible linear layer of `model` in place and report what happened."""
+    report = ReplacementReport()
+    heads = output_head_names(model)
+    for name, module in list(model.named_modules()):
+        weight = linear_weight(module)
+        if weight is None:
+            continue
+        reason = _skip_reason(name, weight, config, heads)
+        if reason:
+            report.skipped[name] = reason
+            continue
+        try:
+            layer = QuantLinear.from_weight(weight, module.bias, config)
+        except InvalidTensorError as error:
+            raise InvalidTensorError(f"{name}.weight: {error}") from None
+        _set_submodule(model, name, layer)
+        report.replaced.append(name)
+    return report
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``(out, in)`` weight of a linear-like module, or None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if isinstance(module, Conv1D):
+        return module.weight.t()
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head: ``get_output_embeddings()``, or a linear tied to the input
+    embeddings. Kept in float by default: it is the layer most sensitive to quantization."""
+    heads: list[nn.Module] = []
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output) and get_output() is not None:
+        heads.append(get_output())
+    get_input = getattr(model, "get_input_embeddings", None)
+    embeddings = get_input() if callable(get_input) else None
+    embedding_weight = getattr(embeddings, "weight", None)
+    names = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        tied = embedding_weight is not None and getattr(module, "weight", None) is embedding_weight
+        if any(module is head for head in heads) or (tied and module is not embeddings):
+            names.add(name)
+    return names
+
+
+def _skip_reason(
+    name: str, weight: torch.Tensor, config: QuantConfig, heads: set[str]
+) -> str | None:
+    if name in heads and not config.quantize_head:
+        return "output head (kept in float; quantize it with --quantize-head)"
+    for pattern in config.exclude:
+        if fnmatchcase(name, pattern):
+            return f"excluded by pattern '{pattern}'"
+    in_features = weight.shape[1]
+    if config.granularity is Granularity.GROUP and in_features % config.group_size:
+        return f"in_features={in_features} is not a multiple of group_size={config.group_size}"
+    return None
+
+
+def _set_submodule(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, layer)

@@ -1,0 +1,5 @@
+"""Quantized modules."""
+
+from quantcli.nn.qlinear import QuantLinear
+
+__all__ = ["QuantLinear"]

@@ -1,0 +1,154 @@
+"""`QuantLinear`: a linear layer whose weight is stored as integers (W8A16, W4A16, W2A16).
+
+Its state_dict uses compressed-tensors' names, so a checkpoint is the layers' state_dicts:
+
+- 8-bit: ``weight`` int8 ``(out, in)``;
+- 4/2-bit: ``weight_packed`` int32 ``(out, ceil(in * bits / 32))`` and ``weight_shape``
+  int64 ``[out, in]``;
+- always ``weight_scale`` (``(1,)``, ``(out, 1)`` or ``(out, in // group_size)``) in the
+  scale dtype, and ``bias`` when the layer has one;
+- asymmetric: ``weight_zero_point``, int8 with the scale's shape, or for packed
+  channel/group layouts packed into int32 along the output dimension.
+
+Everything is a buffer (inference only, no gradients). All computation goes through
+`forward`, the one place where faster kernels plug in.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantcli.config import Granularity, QuantConfig
+from quantcli.tensor.packing import pack_int32, packed_length, unpack_int32
+from quantcli.tensor.quantize import QuantizedTensor, dequantize, groups_per_row, quantize
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequantize(W).T + b`` with W held as int8 or packed 4/2-bit integers."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        config: QuantConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        scale_shape = self._scale_shape()
+        empty = partial(torch.empty, device=device)  # free on meta
+
+        if config.packed:
+            self.register_buffer(
+                "weight_packed",
+                empty((out_features, packed_length(in_features, config.bits)), dtype=torch.int32),
+            )
+            self.register_buffer("weight_shape", empty((2,), dtype=torch.int64))
+        else:
+            self.register_buffer("weight", empty((out_features, in_features), dtype=torch.int8))
+        self.register_buffer("weight_scale", empty(scale_shape, dtype=dtype))
+        if not config.symmetric:
+            if self._packs_zero_point():
+                zero_shape = (packed_length(out_features, config.bits), scale_shape[1])
+                self.register_buffer("weight_zero_point", empty(zero_shape, dtype=torch.int32))
+            else:
+                self.register_buffer("weight_zero_point", empty(scale_shape, dtype=torch.int8))
+        self.register_buffer("bias", empty((out_features,), dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, config: QuantConfig
+    ) -> QuantLinear:
+        """Quantize a float ``(out, in)`` weight; on the meta device, only shape the layer."""
+        weight = weight.detach()
+        bias = None if bias is None else bias.detach()
+        out_features, in_features = weight.shape
+        dtype = config.dtype or weight.dtype
+        layer = cls(in_features, out_features, bias is not None, config, dtype, weight.device)
+        if weight.device.type != "meta":
+            layer.load_quantized(
+                quantize(
+                    weight,
+                    config.bits,
+                    config.scheme,
+                    config.granularity,
+                    config.group_size,
+                    dtype,
+                ),
+                bias,
+            )
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
+        return cls.from_weight(linear.weight, linear.bias, config)
+
+    def load_quantized(self, qweight: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        """Store an already quantized weight (and the float bias) in this layer's layout."""
+        bits = self.config.bits
+        if self.config.packed:
+            self.weight_packed = pack_int32(qweight.qdata, bits)
+            self.weight_shape = torch.tensor(qweight.qdata.shape, dtype=torch.int64)
+        else:
+            self.weight = qweight.qdata
+        self.weight_scale = qweight.scale
+        if qweight.zero_point is not None:
+            zero = qweight.zero_point
+            if self._packs_zero_point():
+                zero = pack_int32(zero, bits, dim=0)
+            self.weight_zero_point = zero
+        if bias is not None:
+            self.bias = bias.to(qweight.scale.dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight ``(out, in)`` these integers stand for."""
+        bits = self.config.bits
+        if self.config.packed:
+            qdata = unpack_int32(self.weight_packed, bits, self.in_features)
+        else:
+            qdata = self.weight
+        zero = getattr(self, "weight_zero_point", None)
+        if zero is not None and self._packs_zero_point():
+            zero = unpack_int32(zero, bits, self.out_features, dim=0)
+        return dequantize(qdata, self.weight_scale, zero, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+
+    def __getattr__(self, name: str):
+        """Packed layers answer ``.weight`` with a meta tensor: model code (T5, for one) reads
+        the weight's dtype and shape; it holds no data, so nothing can use it by mistake."""
+        if name == "weight" and self.config.packed:
+            dtype = self.weight_scale.dtype
+            return torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta")
+        return super().__getattr__(name)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        group = f", group_size={c.group_size}" if c.granularity is Granularity.GROUP else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits={c.bits}, scheme={c.scheme.value}, "
+            f"granularity={c.granularity.value}{group}"
+        )
+
+    def _scale_shape(self) -> tuple[int, ...]:
+        c = self.config
+        if c.granularity is Granularity.TENSOR:
+            return (1,)
+        if c.granularity is Granularity.CHANNEL:
+            return (self.out_features, 1)
+        return (self.out_features, groups_per_row(self.in_features, c.group_size))
+
+    def _packs_zero_point(self) -> bool:
+        """compressed-tensors packs packed layers' zero points, except per tensor."""
+        return self.config.packed and self.config.granularity is not Granularity.TENSOR

@@ -1,0 +1,84 @@
+"""Packing 2- and 4-bit integers several to a byte, lowest bits first.
+
+PyTorch has no int4 or int2 storage, so values share bytes. A signed value ``q`` is first
+shifted to its unsigned code ``q - q_min``; the first code of a byte goes into its lowest
+bits: 2-bit codes ``[1, 0, 3, 2]`` become ``0b10_11_00_01 = 177``.
+
+Because bytes fill from the low bits, the same bytes read as little-endian int32 words are
+compressed-tensors' ``pack-quantized`` layout (32 / bits values a word, the first in the
+lowest bits); `pack_int32` / `unpack_int32` give that view.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from quantcli.errors import UsageError
+
+PACKABLE_BITS = (1, 2, 4)
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed `bits`-bit integers into uint8 along the last dimension.
+
+    The last dimension is padded with zero codes to a multiple of ``8 // bits``; pass its
+    true length to `unpack` to get the values back.
+    """
+    per_byte = _values_per_byte(bits)
+    offset = 2 ** (bits - 1)
+    codes = values.to(torch.int16) + offset
+    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+        raise UsageError(f"values outside the signed {bits}-bit range cannot be packed.")
+    codes = F.pad(codes, (0, -codes.shape[-1] % per_byte)).unflatten(-1, (-1, per_byte))
+    shifts = torch.arange(0, 8, bits, dtype=torch.int16, device=values.device)
+    return (codes << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of `pack`: int8 values, the last dimension cut back to `length`."""
+    _values_per_byte(bits)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return codes.flatten(-2)[..., :length].to(torch.int8) - 2 ** (bits - 1)
+
+
+def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Pack a 2-D tensor into int32 words along `dim` (compressed-tensors layout).
+
+    Weights are packed along the input dimension (``dim=1``): ``(out, ceil(in * bits / 32))``;
+    asymmetric zero points along the output dimension (``dim=0``).
+    """
+    _require_little_endian()
+    rows = values.transpose(0, 1) if dim == 0 else values
+    packed = pack(rows, bits)
+    words = F.pad(packed, (0, -packed.shape[-1] % 4)).view(torch.int32)
+    return words.transpose(0, 1).contiguous() if dim == 0 else words
+
+
+def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of `pack_int32`: int8 values with `length` entries along `dim`."""
+    _require_little_endian()
+    rows = words.transpose(0, 1) if dim == 0 else words
+    values = unpack(rows.contiguous().view(torch.uint8), bits, length)
+    return values.transpose(0, 1).contiguous() if dim == 0 else values
+
+
+def packed_length(length: int, bits: int) -> int:
+    """How many int32 words hold `length` values of `bits` bits."""
+    per_word = 32 // bits
+    return -(-length // per_word)
+
+
+def _values_per_byte(bits: int) -> int:
+    if bits not in PACKABLE_BITS:
+        raise UsageError(f"cannot pack {bits}-bit values: packing supports 1, 2 and 4 bits.")
+    return 8 // bits
+
+
+def _require_little_endian() -> None:
+    """Viewing bytes as int32 gives the compressed-tensors layout on little-endian hosts only."""
+    if sys.byteorder != "little":
+        raise RuntimeError("quantcli's int32 packing needs a little-endian machine.")

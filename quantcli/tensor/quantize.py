@@ -1,0 +1,175 @@
+"""Linear (affine) quantization of 2-D weight tensors: scale, zero point, round, clamp.
+
+Pure tensor math: no modules, no files. Conventions (see docs/quantization.md):
+
+- dequantize: ``w ≈ s * (q - z)``; quantize: ``q = clamp(round(w / s + z), q_min, q_max)``
+  with signed integers ``q_min = -2^(n-1)``, ``q_max = 2^(n-1) - 1``.
+- symmetric: ``s = absmax / q_max``, ``z = 0``; asymmetric: the range ``[min, max]`` is first
+  widened to contain 0 (so a real zero is exact and ``z`` never leaves the integer range),
+  then ``s = (max - min) / (q_max - q_min)``, ``z = round(q_min - min / s)``.
+- scale shapes follow compressed-tensors: ``(1,)`` per tensor, ``(out, 1)`` per channel,
+  ``(out, in // group_size)`` per group. Zero points are int8 of the same shape.
+- scales are computed in float32, then rounded *up* to the storage dtype, and the integers
+  are computed against that stored scale: no value then lands outside the integer range,
+  so every element dequantizes within half a (stored) scale step of the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantcli.config import Granularity, Scheme
+from quantcli.errors import InvalidTensorError, UsageError
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """The signed integer range ``(q_min, q_max)`` of a `bits`-bit value."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise UsageError(f"bits={bits} is out of range: quantcli quantizes to 2..8 bits.")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integers plus what is needed to turn them back into real numbers."""
+
+    qdata: torch.Tensor  # int8, the weight's shape (out, in), values in int_range(bits)
+    scale: torch.Tensor  # (1,), (out, 1) or (out, in // group_size), in the scale dtype
+    zero_point: torch.Tensor | None  # int8, scale's shape; None when symmetric
+    bits: int
+    scheme: Scheme
+    granularity: Granularity
+    group_size: int | None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.qdata, self.scale, self.zero_point, dtype)
+
+
+def dequantize(
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``scale * (qdata - zero_point)`` in `dtype` (default: the scale's dtype).
+
+    The granularity is read from the scale's shape, so callers only pass tensors. The
+    order of operations is compressed-tensors' own, so both give the same numbers.
+    """
+    dtype = dtype or scale.dtype
+    n_groups = scale.shape[-1] if scale.ndim == 2 else 1
+    values = qdata.to(dtype).unflatten(-1, (n_groups, -1))
+    if zero_point is not None:
+        values = values - _per_group(zero_point, dtype)
+    return (values * _per_group(scale, dtype)).flatten(-2)
+
+
+def _per_group(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Broadcast a scale or zero point against values viewed as (out, groups, size)."""
+    param = param.to(dtype)
+    return param.unsqueeze(-1) if param.ndim == 2 else param
+
+
+def quantize(
+    weight: torch.Tensor,
+    bits: int,
+    scheme: Scheme | str = Scheme.SYM,
+    granularity: Granularity | str = Granularity.CHANNEL,
+    group_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> QuantizedTensor:
+    """Quantize a 2-D float weight ``(out, in)``; scales are stored in `dtype`.
+
+    Raises `InvalidTensorError` for NaN/Inf or a tensor that is not 2-D, and `UsageError`
+    for a group size that does not divide the input dimension (compressed-tensors and
+    vLLM require whole groups, so quantcli never writes a partial one).
+    """
+    scheme, granularity = Scheme(scheme), Granularity(granularity)
+    q_min, q_max = int_range(bits)
+    _check_weight(weight)
+    dtype = dtype or weight.dtype
+    groups = _as_groups(weight.float(), granularity, group_size)
+
+    if scheme is Scheme.SYM:
+        scale = _round_up(groups.abs().amax(-1) / q_max, dtype)
+        zero = None
+        shifted = groups / scale.float().unsqueeze(-1)
+    else:
+        low = groups.amin(-1).clamp(max=0)
+        high = groups.amax(-1).clamp(min=0)
+        scale = _round_up((high - low) / (q_max - q_min), dtype)
+        zero = torch.round(q_min - low / scale.float()).clamp(q_min, q_max)
+        shifted = groups / scale.float().unsqueeze(-1) + zero.unsqueeze(-1)
+    qdata = torch.round(shifted).clamp(q_min, q_max).to(torch.int8).reshape(weight.shape)
+
+    scale_shape = (1,) if granularity is Granularity.TENSOR else (weight.shape[0], -1)
+    return QuantizedTensor(
+        qdata=qdata,
+        scale=scale.reshape(scale_shape),
+        zero_point=None if zero is None else zero.to(torch.int8).reshape(scale_shape),
+        bits=bits,
+        scheme=scheme,
+        granularity=granularity,
+        group_size=group_size if granularity is Granularity.GROUP else None,
+    )
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.ndim != 2:
+        raise InvalidTensorError(
+            f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}."
+        )
+    if not weight.is_floating_point():
+        raise InvalidTensorError(f"expected a floating-point weight, got {weight.dtype}.")
+    if not torch.isfinite(weight).all():
+        n_nan = int(torch.isnan(weight).sum())
+        n_inf = int(torch.isinf(weight).sum())
+        raise InvalidTensorError(
+            f"weight contains {n_nan} NaN and {n_inf} Inf values: repair the checkpoint "
+            "or exclude this layer from quantization."
+        )
+
+
+def _as_groups(x: torch.Tensor, granularity: Granularity, group_size: int | None) -> torch.Tensor:
+    """View the weight as (rows, groups, values per group): each group shares one scale."""
+    if granularity is Granularity.TENSOR:
+        return x.reshape(1, 1, -1)
+    if granularity is Granularity.CHANNEL:
+        return x.unsqueeze(1)
+    return x.unflatten(1, (groups_per_row(x.shape[1], group_size), group_size))
+
+
+def groups_per_row(in_features: int, group_size: int | None) -> int:
+    """How many groups of `group_size` inputs make a row; whole groups only."""
+    if group_size is None or group_size < 1 or in_features % group_size:
+        raise UsageError(
+            f"group_size={group_size} does not divide in_features={in_features}: "
+            "choose a group size that divides it, or exclude this layer."
+        )
+    return in_features // group_size
+
+
+def _round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`scale` in `dtype`, rounded up (never down) and at least the dtype's smallest step.
+
+    Rounding up keeps every ``w / s`` inside the integer range; the floor turns an
+    all-zero group's scale of 0 into a tiny one, so nothing divides by zero and the
+    group dequantizes to exact zeros.
+    """
+    zero = torch.zeros((), dtype=dtype)
+    smallest = torch.nextafter(zero, torch.ones((), dtype=dtype))
+    stored = scale.to(dtype)
+    too_small = stored.float() < scale
+    next_up = torch.nextafter(stored, torch.full_like(stored, torch.inf))
+    stored = torch.where(too_small, next_up, stored)
+    stored = torch.maximum(stored, smallest)
+    if not torch.isfinite(stored).all():
+        raise InvalidTensorError(
+            f"the scales overflow {dtype}: the weights are too large for it; "
+            "store scales in float32 instead."
+        )
+    return stored

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from quantcli import Granularity, QuantConfig, Scheme
+from quantcli.errors import UsageError
+
+
+def test_defaults_follow_the_bit_width():
+    eight = QuantConfig()
+    assert (eight.scheme, eight.granularity, eight.group_size) == (
+        Scheme.SYM,
+        Granularity.CHANNEL,
+        None,
+    )
+    four = QuantConfig(bits=4)
+    assert (four.scheme, four.granularity, four.group_size) == (Scheme.ASYM, Granularity.GROUP, 32)
+    assert QuantConfig(bits=8, group_size=64).granularity is Granularity.GROUP
+    assert QuantConfig(bits=2, scheme="sym", granularity="channel").group_size is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bits": 3}, "bits=3 is not supported"),
+        ({"bits": 16}, "bits=16 is not supported"),
+        ({"granularity": "channel", "group_size": 32}, "only applies to granularity 'group'"),
+        ({"group_size": 0}, "must be a positive integer"),
+        ({"dtype": torch.int8}, "floating-point"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_reason(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_unknown_scheme_is_refused():
+    with pytest.raises(ValueError):
+        QuantConfig(scheme="weird")

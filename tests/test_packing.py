@@ -1,0 +1,89 @@
+"""Bit-exact packing, and agreement with compressed-tensors' int32 layout."""
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantcli.errors import UsageError
+from quantcli.tensor import pack, pack_int32, unpack, unpack_int32
+from quantcli.tensor.packing import packed_length
+
+
+def signed(codes, bits):
+    return torch.tensor(codes, dtype=torch.int16).sub(2 ** (bits - 1)).to(torch.int8)
+
+
+@pytest.mark.parametrize(
+    ("bits", "codes", "expected"),
+    [
+        (2, [1, 0, 3, 2], [0b10_11_00_01]),  # = 177, the notes' example
+        (2, [3, 3, 3, 3, 1], [255, 1]),  # a partial last byte is padded with zero bits
+        (4, [0x1, 0x2, 0xF, 0x0], [0x21, 0x0F]),
+        (4, [7], [7]),
+        (1, [1, 0, 1, 1, 0, 0, 0, 1, 1], [0b1000_1101, 1]),
+    ],
+)
+def test_pack_matches_hand_computed_bytes(bits, codes, expected):
+    values = signed(codes, bits)
+    packed = pack(values, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == expected
+    assert torch.equal(unpack(packed, bits, len(codes)), values)
+
+
+def test_notes_example_is_177():
+    assert pack(signed([1, 0, 3, 2], 2), 2).item() == 177
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bits=st.sampled_from([1, 2, 4]),
+    rows=st.integers(0, 5),
+    length=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_unpack_inverts_pack(bits, rows, length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    values = torch.randint(low, high, (rows, length), generator=generator, dtype=torch.int8)
+    packed = pack(values, bits)
+    assert packed.shape == (rows, -(-length * bits // 8))
+    assert torch.equal(unpack(packed, bits, length), values)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4]),
+    rows=st.integers(1, 9),
+    length=st.integers(1, 80),
+    dim=st.sampled_from([0, 1]),
+    seed=st.integers(0, 2**16),
+)
+def test_int32_words_are_compressed_tensors_layout(bits, rows, length, dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    values = torch.randint(low, high, (rows, length), generator=generator, dtype=torch.int8)
+    words = pack_int32(values, bits, dim=dim)
+    assert words.dtype == torch.int32
+    assert torch.equal(words, pack_to_int32(values, bits, packed_dim=dim))
+    packed_size = packed_length(values.shape[dim], bits)
+    assert words.shape[dim] == packed_size and words.shape[1 - dim] == values.shape[1 - dim]
+    assert torch.equal(unpack_int32(words, bits, values.shape[dim], dim=dim), values)
+
+
+def test_int32_word_holds_first_value_in_lowest_bits():
+    values = signed(list(range(16)) * 2, 4).reshape(1, 32)
+    words = pack_int32(values, 4)
+    assert words.tolist() == [[0x76543210, 0xFEDCBA98 - 2**32, 0x76543210, 0xFEDCBA98 - 2**32]]
+
+
+def test_values_outside_the_range_are_refused():
+    with pytest.raises(UsageError, match="signed 4-bit range"):
+        pack(torch.tensor([8], dtype=torch.int8), 4)
+
+
+def test_unpackable_bit_width_is_refused():
+    with pytest.raises(UsageError, match="1, 2 and 4 bits"):
+        pack(torch.zeros(8, dtype=torch.int8), 3)

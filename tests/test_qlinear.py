@@ -1,0 +1,152 @@
+"""QuantLinear: its compressed-tensors state_dict, its forward and its error bound."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantcli import QuantConfig, QuantLinear
+from quantcli.tensor.quantize import dequantize, quantize
+
+IN, OUT = 96, 40
+
+CONFIGS = {
+    "int8-sym-channel": QuantConfig(bits=8),
+    "int8-asym-channel": QuantConfig(bits=8, scheme="asym"),
+    "int8-sym-tensor": QuantConfig(bits=8, granularity="tensor"),
+    "int4-asym-g32": QuantConfig(bits=4),
+    "int4-sym-g32": QuantConfig(bits=4, scheme="sym"),
+    "int4-asym-channel": QuantConfig(bits=4, granularity="channel"),
+    "int4-asym-tensor": QuantConfig(bits=4, granularity="tensor"),
+    "int2-asym-g16": QuantConfig(bits=2, group_size=16),
+}
+
+# (tensor name, dtype, shape) each layout must have, per compressed-tensors
+EXPECTED_STATE = {
+    "int8-sym-channel": [("weight", torch.int8, (OUT, IN)), ("weight_scale", None, (OUT, 1))],
+    "int8-asym-channel": [
+        ("weight", torch.int8, (OUT, IN)),
+        ("weight_scale", None, (OUT, 1)),
+        ("weight_zero_point", torch.int8, (OUT, 1)),
+    ],
+    "int8-sym-tensor": [("weight", torch.int8, (OUT, IN)), ("weight_scale", None, (1,))],
+    "int4-asym-g32": [
+        ("weight_packed", torch.int32, (OUT, IN * 4 // 32)),
+        ("weight_shape", torch.int64, (2,)),
+        ("weight_scale", None, (OUT, IN // 32)),
+        ("weight_zero_point", torch.int32, (OUT * 4 // 32, IN // 32)),
+    ],
+    "int4-sym-g32": [
+        ("weight_packed", torch.int32, (OUT, IN * 4 // 32)),
+        ("weight_shape", torch.int64, (2,)),
+        ("weight_scale", None, (OUT, IN // 32)),
+    ],
+    "int4-asym-channel": [
+        ("weight_packed", torch.int32, (OUT, IN * 4 // 32)),
+        ("weight_shape", torch.int64, (2,)),
+        ("weight_scale", None, (OUT, 1)),
+        ("weight_zero_point", torch.int32, (OUT * 4 // 32, 1)),
+    ],
+    "int4-asym-tensor": [
+        ("weight_packed", torch.int32, (OUT, IN * 4 // 32)),
+        ("weight_shape", torch.int64, (2,)),
+        ("weight_scale", None, (1,)),
+        ("weight_zero_point", torch.int8, (1,)),
+    ],
+    "int2-asym-g16": [
+        ("weight_packed", torch.int32, (OUT, IN * 2 // 32)),
+        ("weight_shape", torch.int64, (2,)),
+        ("weight_scale", None, (OUT, IN // 16)),
+        ("weight_zero_point", torch.int32, (-(-OUT * 2 // 32), IN // 16)),
+    ],
+}
+
+
+def float_linear(dtype=torch.float32, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(IN, OUT, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_has_compressed_tensors_names_dtypes_and_shapes(name, dtype):
+    layer = QuantLinear.from_linear(float_linear(dtype), CONFIGS[name])
+    state = layer.state_dict()
+    expected = EXPECTED_STATE[name] + [("bias", dtype, (OUT,))]
+    assert list(state) == [key for key, _, _ in expected]
+    for key, key_dtype, shape in expected:
+        assert state[key].dtype == (key_dtype or dtype), key
+        assert tuple(state[key].shape) == shape, key
+    if "weight_shape" in state:
+        assert state["weight_shape"].tolist() == [OUT, IN]
+    assert list(layer.parameters()) == []  # inference only: buffers, no gradients
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_is_f_linear_with_the_dequantized_weight(name):
+    linear = float_linear()
+    config = CONFIGS[name]
+    layer = QuantLinear.from_linear(linear, config)
+    qt = quantize(
+        linear.weight.detach(), config.bits, config.scheme, config.granularity, config.group_size
+    )
+    x = torch.randn(3, 5, IN)
+    expected = F.linear(x, dequantize(qt.qdata, qt.scale, qt.zero_point), linear.bias)
+    assert torch.equal(layer.dequantize_weight(torch.float32), qt.dequantize(torch.float32))
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_output_error_is_bounded_by_the_scales(name):
+    """|y_q - y| <= sum_k |x_k| * s_k / 2 (plus float32 summation slack)."""
+    linear = float_linear()
+    layer = QuantLinear.from_linear(linear, CONFIGS[name])
+    x = torch.randn(7, IN)
+    scale = layer.weight_scale.float()
+    if scale.ndim == 2:
+        scale = scale.repeat_interleave(IN // scale.shape[1], dim=1)
+    half_step = scale.expand(OUT, IN) / 2
+    bound = x.abs() @ half_step.T
+    with torch.no_grad():
+        error = (layer(x) - linear(x)).abs()
+    assert (error <= bound * 1.001 + 1e-5).all()
+    # and the bound is not vacuous: the error is a real fraction of it
+    assert float(error.max()) > 0
+
+
+@pytest.mark.parametrize("name", ["int8-sym-channel", "int4-asym-g32"])
+def test_runs_in_bf16_and_matches_fp32_within_bf16_precision(name):
+    linear = float_linear()
+    layer = QuantLinear.from_linear(linear, CONFIGS[name])
+    x = torch.randn(4, IN)
+    y32 = layer(x)
+    y16 = layer(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert torch.allclose(y16.float(), y32, rtol=2e-2, atol=2e-2 * float(y32.abs().max()))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_meta_layer_loads_a_state_dict_by_assignment(name):
+    real = QuantLinear.from_linear(float_linear(), CONFIGS[name])
+    with torch.device("meta"):
+        skeleton = QuantLinear.from_linear(torch.nn.Linear(IN, OUT), CONFIGS[name])
+    assert all(buffer.is_meta for buffer in skeleton.buffers())
+    skeleton.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(2, IN)
+    assert torch.equal(skeleton(x), real(x))
+
+
+def test_layer_without_bias():
+    layer = QuantLinear.from_linear(float_linear(bias=False), QuantConfig(bits=4))
+    assert layer.bias is None and "bias" not in layer.state_dict()
+    assert layer(torch.randn(2, IN)).shape == (2, OUT)
+
+
+def test_scale_dtype_follows_the_config():
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(dtype=torch.bfloat16))
+    assert layer.weight_scale.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert layer(torch.randn(2, IN)).dtype == torch.float32
+
+
+def test_repr_names_the_scheme():
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=4, group_size=32))
+    assert "bits=4, scheme=asym, granularity=group, group_size=32" in repr(layer)

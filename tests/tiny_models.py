@@ -1,0 +1,94 @@
+"""Tiny random transformers models built from configs: offline stand-ins for Hub models.
+
+Sizes are multiples of 32 so every default group size divides them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+    T5Config,
+)
+
+VOCAB = 128
+
+CONFIGS = {
+    "opt": lambda: OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        word_embed_proj_dim=64,
+        max_position_embeddings=64,
+    ),
+    "llama": lambda: LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    ),
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "bert": lambda: BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    ),
+    "t5": lambda: T5Config(
+        vocab_size=VOCAB,
+        d_model=64,
+        d_ff=128,
+        d_kv=32,
+        num_layers=2,
+        num_heads=2,
+    ),
+}
+
+AUTO_CLASS = {
+    "opt": AutoModelForCausalLM,
+    "llama": AutoModelForCausalLM,
+    "gpt2": AutoModelForCausalLM,
+    "bert": AutoModelForMaskedLM,
+    "t5": AutoModelForSeq2SeqLM,
+}
+
+
+def build(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A random model of `arch` in eval mode, reproducible from `seed`."""
+    torch.manual_seed(seed)
+    return AUTO_CLASS[arch].from_config(CONFIGS[arch]()).eval()
+
+
+def sample_inputs(arch: str, batch: int = 2, length: int = 12) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
+    inputs = {"input_ids": ids}
+    if arch == "t5":
+        inputs["decoder_input_ids"] = ids[:, :5]
+    return inputs
+
+
+def logits(model: torch.nn.Module, arch: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**sample_inputs(arch)).logits
