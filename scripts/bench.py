@@ -36,7 +36,7 @@ SCHEMES = [  # (label, bits, scheme, granularity, group size)
 def smollm2_linear_weights(cache: Path) -> list[torch.Tensor]:
     folder = smollm2_folder(cache)
     with safe_open(folder / "model.safetensors", "pt") as f:
-        return [f.get_tensor(k) for k in f.keys() if k.endswith("proj.weight")]
+        return [f.get_tensor(k) for k in f.keys() if k.endswith("proj.weight")]  # noqa: SIM118
 
 
 def round_trip_row(label, weights, bits, scheme, granularity, group_size):
