@@ -29,4 +29,16 @@ class NotImplementedYet(QuantcliError):
 class InvalidTensorError(QuantcliError, ValueError):
     """A tensor that cannot be quantized as it is (NaN, Inf, wrong rank)."""
 
+    exit_code = 4
+
+
+class NotFoundError(QuantcliError):
+    """A local path, Hub repository or revision that does not exist or cannot be reached."""
+
     exit_code = 3
+
+
+class CheckpointError(QuantcliError):
+    """A checkpoint that is missing pieces, corrupt, or in a format quantcli cannot read."""
+
+    exit_code = 4

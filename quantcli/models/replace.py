@@ -28,24 +28,32 @@ class ReplacementReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def replace_linear_layers(model: nn.Module, config: QuantConfig) -> ReplacementReport:
-    """Quantize every eligible linear layer of `model` in place and report what happened."""
+def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport:
+    """Which linear layers `config` quantizes, and why it keeps the others, without changes."""
     report = ReplacementReport()
     heads = output_head_names(model)
-    for name, module in list(model.named_modules()):
+    for name, module in model.named_modules():
         weight = linear_weight(module)
         if weight is None:
             continue
         reason = _skip_reason(name, weight, config, heads)
         if reason:
             report.skipped[name] = reason
-            continue
+        else:
+            report.replaced.append(name)
+    return report
+
+
+def replace_linear_layers(model: nn.Module, config: QuantConfig) -> ReplacementReport:
+    """Quantize every eligible linear layer of `model` in place and report what happened."""
+    report = plan_replacement(model, config)
+    for name in report.replaced:
+        module = model.get_submodule(name)
         try:
-            layer = QuantLinear.from_weight(weight, module.bias, config)
+            layer = QuantLinear.from_weight(linear_weight(module), module.bias, config)
         except InvalidTensorError as error:
             raise InvalidTensorError(f"{name}.weight: {error}") from None
         _set_submodule(model, name, layer)
-        report.replaced.append(name)
     return report
 
 

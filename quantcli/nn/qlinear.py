@@ -93,18 +93,8 @@ class QuantLinear(nn.Module):
 
     def load_quantized(self, qweight: QuantizedTensor, bias: torch.Tensor | None) -> None:
         """Store an already quantized weight (and the float bias) in this layer's layout."""
-        bits = self.config.bits
-        if self.config.packed:
-            self.weight_packed = pack_int32(qweight.qdata, bits)
-            self.weight_shape = torch.tensor(qweight.qdata.shape, dtype=torch.int64)
-        else:
-            self.weight = qweight.qdata
-        self.weight_scale = qweight.scale
-        if qweight.zero_point is not None:
-            zero = qweight.zero_point
-            if self._packs_zero_point():
-                zero = pack_int32(zero, bits, dim=0)
-            self.weight_zero_point = zero
+        for name, tensor in compressed_state(qweight, self.config).items():
+            setattr(self, name, tensor)
         if bias is not None:
             self.bias = bias.to(qweight.scale.dtype)
 
@@ -150,5 +140,27 @@ class QuantLinear(nn.Module):
         return (self.out_features, groups_per_row(self.in_features, c.group_size))
 
     def _packs_zero_point(self) -> bool:
-        """compressed-tensors packs packed layers' zero points, except per tensor."""
-        return self.config.packed and self.config.granularity is not Granularity.TENSOR
+        return packs_zero_point(self.config)
+
+
+def packs_zero_point(config: QuantConfig) -> bool:
+    """compressed-tensors packs packed layers' zero points, except per tensor."""
+    return config.packed and config.granularity is not Granularity.TENSOR
+
+
+def compressed_state(qweight: QuantizedTensor, config: QuantConfig) -> dict[str, torch.Tensor]:
+    """A quantized weight as the layer's (and the checkpoint's) tensors, bias aside."""
+    if config.packed:
+        state = {
+            "weight_packed": pack_int32(qweight.qdata, config.bits),
+            "weight_shape": torch.tensor(qweight.qdata.shape, dtype=torch.int64),
+        }
+    else:
+        state = {"weight": qweight.qdata}
+    state["weight_scale"] = qweight.scale
+    if qweight.zero_point is not None:
+        zero = qweight.zero_point
+        state["weight_zero_point"] = (
+            pack_int32(zero, config.bits, dim=0) if packs_zero_point(config) else zero
+        )
+    return state

@@ -51,7 +51,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     Weights are packed along the input dimension (``dim=1``): ``(out, ceil(in * bits / 32))``;
     asymmetric zero points along the output dimension (``dim=0``).
     """
-    _require_little_endian()
+    require_little_endian()
     rows = values.transpose(0, 1) if dim == 0 else values
     packed = pack(rows, bits)
     words = F.pad(packed, (0, -packed.shape[-1] % 4)).view(torch.int32)
@@ -60,7 +60,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 
 def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
     """Inverse of `pack_int32`: int8 values with `length` entries along `dim`."""
-    _require_little_endian()
+    require_little_endian()
     rows = words.transpose(0, 1) if dim == 0 else words
     values = unpack(rows.contiguous().view(torch.uint8), bits, length)
     return values.transpose(0, 1).contiguous() if dim == 0 else values
@@ -78,7 +78,7 @@ def _values_per_byte(bits: int) -> int:
     return 8 // bits
 
 
-def _require_little_endian() -> None:
-    """Viewing bytes as int32 gives the compressed-tensors layout on little-endian hosts only."""
+def require_little_endian() -> None:
+    """Byte views (int32 words, safetensors data) match the file formats on little-endian hosts."""
     if sys.byteorder != "little":
-        raise RuntimeError("quantcli's int32 packing needs a little-endian machine.")
+        raise RuntimeError("quantcli needs a little-endian machine: its file formats are.")

@@ -1,0 +1,342 @@
+"""The checkpoint format: the one module that knows how quantcli's files look on disk.
+
+A quantcli checkpoint is a Hugging Face model folder in the compressed-tensors layout:
+
+- ``config.json`` with ``quantization_config`` (``quant_method: compressed-tensors``,
+  ``format`` both at the top and inside the config group: compressed-tensors 0.20 guesses
+  wrong without the inner one);
+- ``model.safetensors`` or shards plus ``model.safetensors.index.json``, holding each layer's
+  `QuantLinear` state_dict (``weight``/``weight_packed``, ``weight_scale``...);
+- in every shard's header metadata: quantcli's version, the format version, the full
+  quantization config and the source model.
+
+Tensors are read and written with plain file I/O rather than memory maps: a shard's header
+is written first (every output shape is known in advance), then tensors one at a time, so
+memory holds one tensor, not a shard, and mapped pages never inflate the process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantcli.config import Granularity, QuantConfig, Scheme
+from quantcli.errors import CheckpointError
+from quantcli.tensor.packing import require_little_endian
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+COMPRESSED_TENSORS_VERSION = "0.20.0"
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file, read from the header alone."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, dtype and shape, known before its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors and the metadata of a safetensors file, without reading tensor data."""
+    try:
+        with open(path, "rb") as f:
+            size_bytes = f.read(8)
+            file_size = path.stat().st_size
+            if len(size_bytes) < 8:
+                raise CheckpointError(f"{path.name} is not a safetensors file (too short).")
+            (header_size,) = struct.unpack("<Q", size_bytes)
+            if header_size > min(_MAX_HEADER, file_size - 8):
+                raise CheckpointError(f"{path.name} has a corrupt safetensors header.")
+            header = json.loads(f.read(header_size))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name} has a corrupt safetensors header.") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} has a corrupt safetensors header.")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_size
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path.name}: tensor '{name}' has an unreadable header entry."
+            ) from None
+        expected = math.prod(shape) * _element_size(dtype)
+        if end - start != expected or start < 0 or data_start + end > file_size:
+            raise CheckpointError(
+                f"{path.name}: tensor '{name}' lies outside the file or has the wrong size "
+                "(truncated or corrupt file): download or write it again."
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + start, expected)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes into fresh memory (no memory map)."""
+    buffer = bytearray(info.nbytes)
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        if f.readinto(buffer) != info.nbytes:
+            raise CheckpointError(f"{info.file.name}: tensor '{info.name}' is truncated.")
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, from its index when it is sharded."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index} is not a valid safetensors index.") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder} lacks the shard(s) {', '.join(missing)} named in its index."
+            )
+        return files
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    singles = sorted(folder.glob("*.safetensors"))
+    if singles:
+        return singles
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt")
+    )
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({pickles[0]}), which quantcli does not load: "
+            "they can run code. Convert the model to safetensors first."
+        )
+    raise CheckpointError(f"{folder} holds no safetensors weights.")
+
+
+def read_all_headers(files: Iterable[Path]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Every tensor of a checkpoint, and the first shard's metadata."""
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] | None = None
+    for path in files:
+        infos, meta = read_header(path)
+        tensors.update(infos)
+        metadata = meta if metadata is None else metadata
+    return tensors, metadata or {}
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors are all declared up front.
+
+    The header goes out first; `write` then appends each tensor's bytes in the declared
+    order, so only one tensor is ever in memory.
+    """
+
+    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
+        header: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        for spec in specs:
+            header[spec.name] = {
+                "dtype": _DTYPE_NAMES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        self._pending = list(specs)
+        self._file = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._pending.pop(0)
+        actual = (name, tensor.dtype, tuple(tensor.shape))
+        if actual != (expected.name, expected.dtype, expected.shape):
+            raise RuntimeError(f"shard writer expected {expected}, got {actual}")
+        if tensor.numel():
+            require_little_endian()
+            self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._pending:
+            raise RuntimeError(f"shard closed with {len(self._pending)} tensors unwritten")
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def shard_name(index: int, count: int) -> str:
+    return WEIGHTS_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def quantization_config(config: QuantConfig, ignore: list[str]) -> dict:
+    """``config.json``'s ``quantization_config`` in the compressed-tensors form."""
+    fmt = "pack-quantized" if config.packed else "int-quantized"
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "ignore": sorted(ignore),
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "format": fmt,
+                "weights": {
+                    "num_bits": config.bits,
+                    "type": "int",
+                    "symmetric": config.symmetric,
+                    "strategy": config.granularity.value,
+                    "group_size": config.group_size,
+                    "dynamic": False,
+                },
+                "input_activations": None,
+                "output_activations": None,
+            }
+        },
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "global_compression_ratio": None,
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
+def parse_quantization_config(raw: object) -> tuple[QuantConfig, list[str]]:
+    """The `QuantConfig` and the ignored module names of a compressed-tensors config.
+
+    Accepts what quantcli writes and the same int-weight layouts from other tools; refuses
+    anything else with the reason.
+    """
+    if not isinstance(raw, dict) or raw.get("quant_method") != "compressed-tensors":
+        method = raw.get("quant_method") if isinstance(raw, dict) else None
+        raise CheckpointError(
+            f"this checkpoint is quantized with '{method}', not compressed-tensors: "
+            "quantcli loads only compressed-tensors int checkpoints."
+        )
+    groups = raw.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise CheckpointError(
+            "quantcli loads compressed-tensors checkpoints with one config group."
+        )
+    group = next(iter(groups.values()))
+    weights = group.get("weights") if isinstance(group, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError("the quantization config has no 'weights' settings.")
+    if group.get("input_activations") or weights.get("type", "int") != "int":
+        raise CheckpointError(
+            "quantcli loads int weight-only checkpoints (no activation quantization)."
+        )
+    fmt = group.get("format") or raw.get("format")
+    bits = weights.get("num_bits")
+    expected_format = "int-quantized" if bits == 8 else "pack-quantized"
+    if fmt != expected_format:
+        raise CheckpointError(
+            f"format '{fmt}' with {bits}-bit weights is not a layout quantcli reads."
+        )
+    ignore = raw.get("ignore") or []
+    if not all(isinstance(name, str) and not name.startswith("re:") for name in ignore):
+        raise CheckpointError(
+            "the quantization config's 'ignore' list must hold plain module names."
+        )
+    try:
+        config = QuantConfig(
+            bits=bits,
+            scheme=Scheme.SYM if weights.get("symmetric", True) else Scheme.ASYM,
+            granularity=Granularity(weights.get("strategy")),
+            group_size=weights.get("group_size") if weights.get("strategy") == "group" else None,
+            exclude=tuple(ignore),
+            quantize_head=True,  # the head, when kept in float, is in `ignore`
+        )
+    except ValueError as error:
+        raise CheckpointError(f"unsupported quantization config: {error}") from None
+    return config, list(ignore)
+
+
+def header_metadata(config: QuantConfig, source: str, revision: str | None) -> dict[str, str]:
+    from quantcli import __version__
+
+    return {
+        "format": "pt",
+        "quantcli_version": __version__,
+        "quantcli_format_version": str(FORMAT_VERSION),
+        "quantization_config": json.dumps(quantization_config(config, [])["config_groups"]),
+        "quantcli_config": json.dumps(
+            {
+                "bits": config.bits,
+                "scheme": config.scheme.value,
+                "granularity": config.granularity.value,
+                "group_size": config.group_size,
+                "exclude": list(config.exclude),
+                "quantize_head": config.quantize_head,
+                "dtype": str(config.dtype).removeprefix("torch.") if config.dtype else None,
+            }
+        ),
+        "source_model": source,
+        "source_revision": revision or "",
+    }
+
+
+def check_format_version(metadata: dict[str, str], where: str) -> None:
+    """Refuse files written by a newer quantcli whose format this one may misread."""
+    version = metadata.get("quantcli_format_version")
+    if version is None:
+        return  # a compressed-tensors file from another tool
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} uses quantcli format version {version}; this quantcli reads up to "
+            f"{FORMAT_VERSION}: upgrade quantcli."
+        )
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

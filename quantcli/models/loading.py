@@ -1,0 +1,141 @@
+"""Load a quantized checkpoint into a ready model, with no float copy of its weights.
+
+The model is built from ``config.json`` with parameters on ``meta`` (its
+``quantization_config`` removed so transformers does not apply its own quantizer), the
+linear layers are swapped for empty `QuantLinear`s, every tensor in the files is checked
+against that skeleton, and ``load_state_dict(assign=True)`` hands the file's tensors to the
+modules. Peak memory is about the size of the quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantcli.checkpoint import (
+    check_format_version,
+    parse_quantization_config,
+    read_all_headers,
+    read_tensor,
+    weight_files,
+)
+from quantcli.config import QuantConfig
+from quantcli.errors import CheckpointError
+from quantcli.models.replace import replace_linear_layers
+from quantcli.models.skeleton import build_skeleton, load_hf_config
+from quantcli.models.source import ModelSource
+
+
+@dataclass
+class LoadReport:
+    """What was loaded, for `quantcli load` to print."""
+
+    model_class: str
+    config: QuantConfig
+    quantized: int
+    kept_float: int
+    tensor_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+
+
+def load_quantized(
+    source: ModelSource,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, LoadReport]:
+    """The model of a quantcli (compressed-tensors int) checkpoint, in eval mode on `device`.
+
+    `dtype` casts the float tensors (norms, embeddings, scales, biases); the integers stay.
+    """
+    started = time.perf_counter()
+    hf_config = load_hf_config(source.folder, trust_remote_code)
+    raw = getattr(hf_config, "quantization_config", None)
+    if raw is None:
+        raise CheckpointError(
+            f"{source.model_id} is not quantized (no quantization_config in config.json): "
+            "run quantcli quantize on it first."
+        )
+    config, _ = parse_quantization_config(raw if isinstance(raw, dict) else raw.to_dict())
+    del hf_config.quantization_config
+    files = weight_files(source.folder)
+    tensors, metadata = read_all_headers(files)
+    check_format_version(metadata, source.model_id)
+
+    model = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
+    report = replace_linear_layers(model, config)
+    expected = model.state_dict()
+    _check_against_skeleton(tensors, expected, _tied_keys(model, expected))
+
+    state = {}
+    for name, info in tensors.items():
+        tensor = read_tensor(info)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_empty:
+        raise CheckpointError(
+            f"the checkpoint does not hold {still_empty[0]} (and {len(still_empty) - 1} more)."
+        )
+    model.to(device).eval()
+    return model, LoadReport(
+        model_class=type(model).__name__,
+        config=config,
+        quantized=len(report.replaced),
+        kept_float=len(report.skipped),
+        tensor_bytes=sum(info.nbytes for info in tensors.values()),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+
+
+def _tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys that are another key's tensor (a tied output head): not in files."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in expected.items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.setdefault(id(tensor), name)
+    tied.update(getattr(model, "all_tied_weights_keys", {}) or {})
+    return tied
+
+
+def _check_against_skeleton(tensors, expected, tied) -> None:
+    """Every file tensor must be one the model has, of its shape (and integer dtype)."""
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"the checkpoint holds {unexpected[0]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + ", which its config does not describe: the files and config.json disagree."
+        )
+    missing = sorted(set(expected) - set(tensors) - tied)
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": the files are incomplete or do not match config.json."
+        )
+    for name, info in tensors.items():
+        want = expected[name]
+        if tuple(want.shape) != info.shape:
+            raise CheckpointError(
+                f"tensor {name} has shape {list(info.shape)} in the file but the config "
+                f"implies {list(want.shape)}: the checkpoint does not match its config."
+            )
+        if info.dtype.is_floating_point != want.dtype.is_floating_point or (
+            not info.dtype.is_floating_point and info.dtype != want.dtype
+        ):
+            raise CheckpointError(
+                f"tensor {name} is {str(info.dtype).removeprefix('torch.')} in the file but "
+                f"the config implies {str(want.dtype).removeprefix('torch.')}."
+            )

@@ -1,0 +1,95 @@
+"""Model skeletons: a transformers model built from its config with no weight memory.
+
+Parameters go to the ``meta`` device as they are registered, while buffers (rotary
+tables, position ids) are computed for real: they are not in checkpoints, and computing
+them here means nothing has to rebuild them after loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from quantcli.errors import CheckpointError
+
+
+def load_hf_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's transformers config; remote code only when the user allows it."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"{folder} has no config.json: it is not a transformers model folder."
+        )
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        message = str(error).strip().splitlines()[0]
+        if "trust_remote_code" in message:
+            message = (
+                "this model needs its own code from the Hub: pass --trust-remote-code to allow it"
+            )
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {message}") from None
+    except (OSError, KeyError, TypeError) as error:
+        raise CheckpointError(f"cannot read {folder / 'config.json'}: {error}") from None
+
+
+def build_skeleton(
+    config: PretrainedConfig, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """The model class named by the config, with every parameter on ``meta``."""
+    model_class = _model_class(config, trust_remote_code)
+    dtype = dtype or _config_dtype(config)
+    with _parameters_on_meta():
+        if hasattr(model_class, "from_config"):  # an Auto class: remote code or no architecture
+            return model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model_class._from_config(config, dtype=dtype)
+
+
+def _model_class(config: PretrainedConfig, trust_remote_code: bool):
+    for name in config.architectures or []:
+        model_class = getattr(transformers, name, None)
+        if model_class is not None:
+            return model_class
+    if trust_remote_code and getattr(config, "auto_map", None):
+        return transformers.AutoModelForCausalLM
+    if not config.architectures:
+        return transformers.AutoModel
+    raise CheckpointError(
+        f"transformers {transformers.__version__} has no class {config.architectures[0]}: "
+        "upgrade transformers, or pass --trust-remote-code if the model ships its own code."
+    )
+
+
+def _config_dtype(config: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Move each parameter to ``meta`` as a module registers it (buffers stay real).
+
+    Parameters are created with ``torch.empty`` and moved before any initialisation
+    touches them, so their memory is never committed.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(
+                param.to("meta"), requires_grad=param.requires_grad
+            )
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

@@ -1,0 +1,119 @@
+"""Where a model comes from: a local folder, or a Hub repository through the HF cache.
+
+Hub files come through `huggingface_hub.snapshot_download`, so the user's cache, token and
+`HF_ENDPOINT` apply; only the files quantcli reads are downloaded, never pickles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from quantcli.errors import NotFoundError
+
+#: Files besides the weights that travel with a model: configs, tokenizer, chat template.
+SIDE_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "README.md",
+    "LICENSE*",
+)
+WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model folder on disk and where it came from."""
+
+    folder: Path
+    model_id: str  # as the user named it: Hub id or path
+    revision: str | None  # the Hub commit, None for a local folder
+
+
+def resolve_model(model: str, revision: str | None = None, token: str | None = None) -> ModelSource:
+    """Find `model` locally, or download its safetensors and side files from the Hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return ModelSource(path.resolve(), model, None)
+    if path.exists():
+        raise NotFoundError(
+            f"{model} is a file, not a model folder: pass the folder that holds it."
+        )
+    if _looks_like_a_path(model):
+        raise NotFoundError(f"no folder {model}: check the path.")
+    return _download(model, revision, token)
+
+
+def side_files(folder: Path) -> list[Path]:
+    """The non-weight files of a model folder to copy next to a quantized checkpoint."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and any(fnmatchcase(p.name, pattern) for pattern in SIDE_FILE_PATTERNS)
+    )
+
+
+def _looks_like_a_path(model: str) -> bool:
+    return (
+        model.startswith((".", "/", "~"))
+        or model.count("/") > 1
+        or os.sep != "/"
+        and os.sep in model
+    )
+
+
+def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            token=token,
+            allow_patterns=[*SIDE_FILE_PATTERNS, *WEIGHT_PATTERNS],
+        )
+    except GatedRepoError:
+        raise NotFoundError(
+            f"{repo_id} is gated: accept its terms on the Hub, then log in (hf auth login)."
+        ) from None
+    except RepositoryNotFoundError:
+        raise NotFoundError(
+            f"{repo_id} is neither a local folder nor a Hub repository you can access: check "
+            "the name, or log in (hf auth login) for a private one."
+        ) from None
+    except RevisionNotFoundError:
+        raise NotFoundError(f"{repo_id} has no revision '{revision}'.") from None
+    except LocalEntryNotFoundError:
+        raise NotFoundError(
+            f"cannot reach the Hub to download {repo_id}, and it is not in the local cache: "
+            "check your connection (or HF_HUB_OFFLINE)."
+        ) from None
+    except HfHubHTTPError as error:
+        raise NotFoundError(f"the Hub refused to send {repo_id}: {_first_line(error)}") from None
+    folder = Path(folder)
+    return ModelSource(folder, repo_id, folder.name)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,294 @@
+"""Quantize a checkpoint on disk into a new one, one tensor at a time.
+
+The float model is never built: its skeleton on ``meta`` tells which tensors are linear
+weights; headers tell every output shape in advance, so each output shard is declared,
+then filled tensor by tensor. Memory holds one float tensor and its quantized form, however
+large the model. Output goes to a temporary folder beside the target, renamed when done.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from quantcli.checkpoint import (
+    ShardWriter,
+    TensorInfo,
+    TensorSpec,
+    header_metadata,
+    quantization_config,
+    read_all_headers,
+    read_tensor,
+    shard_name,
+    weight_files,
+    write_index,
+)
+from quantcli.config import QuantConfig
+from quantcli.errors import CheckpointError, InvalidTensorError, UsageError
+from quantcli.models.replace import linear_weight, plan_replacement
+from quantcli.models.skeleton import build_skeleton, load_hf_config
+from quantcli.models.source import ModelSource, side_files
+from quantcli.nn.qlinear import QuantLinear, compressed_state
+from quantcli.tensor.quantize import quantize
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+
+@dataclass
+class QuantizeSummary:
+    """What a quantize run did, with the figures its summary prints."""
+
+    output: Path
+    quantized: list[str]
+    skipped: dict[str, str]
+    source_bytes: int
+    output_bytes: int
+    quantized_params: int  # weights of the quantized layers
+    quantized_bytes: int  # their integers, scales and zero points
+    shards: int
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else 0.0
+
+
+@dataclass
+class _Item:
+    """One output module's tensors and how to produce them from the source."""
+
+    module: str
+    specs: list[TensorSpec]
+    produce: Callable[[], dict[str, torch.Tensor]]
+    quantized_params: int = 0
+
+
+@dataclass
+class _Plan:
+    items: list[_Item] = field(default_factory=list)
+
+    def add(self, item: _Item) -> None:
+        self.items.append(item)
+
+    def shards(self, max_shard_size: int) -> list[list[_Item]]:
+        """Items grouped by module, modules packed into shards in order."""
+        by_module: dict[str, list[_Item]] = {}
+        for item in self.items:
+            by_module.setdefault(item.module, []).append(item)
+        shards: list[list[_Item]] = [[]]
+        size = 0
+        for items in by_module.values():
+            module_size = sum(spec.nbytes for item in items for spec in item.specs)
+            if shards[-1] and size + module_size > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].extend(items)
+            size += module_size
+        return shards
+
+
+def quantize_checkpoint(
+    source: ModelSource,
+    out: Path,
+    config: QuantConfig,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> QuantizeSummary:
+    """Write `source` quantized per `config` to the folder `out`.
+
+    `on_start` receives the number of output modules, `on_tensor` each one's name as it is
+    written (for progress bars).
+    """
+    started = time.perf_counter()
+    out = out.expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists: pass --overwrite to replace it.")
+    if max_shard_size < 1:
+        raise UsageError("--max-shard-size must be positive.")
+    hf_config = load_hf_config(source.folder, trust_remote_code)
+    if getattr(hf_config, "quantization_config", None):
+        raise UsageError(
+            f"{source.model_id} is already quantized: quantize the original float model instead."
+        )
+    files = weight_files(source.folder)
+    tensors, _ = read_all_headers(files)
+    skeleton = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
+    report = plan_replacement(skeleton, config)
+    if not report.replaced:
+        raise UsageError(
+            f"{source.model_id} has no linear layer to quantize with these settings "
+            f"({len(report.skipped)} kept in float)."
+        )
+    plan = _plan(skeleton, tensors, report.replaced, config)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    shards = plan.shards(max_shard_size)
+    try:
+        metadata = header_metadata(config, source.model_id, source.revision)
+        metadata["source_bytes"] = str(sum(info.nbytes for info in tensors.values()))
+        if on_start:
+            on_start(len({item.module for item in plan.items}))
+        _write_shards(staging, shards, metadata, on_tensor)
+        hf_config.quantization_config = quantization_config(config, list(report.skipped))
+        if config.dtype is not None:
+            hf_config.dtype = config.dtype
+        hf_config.save_pretrained(staging)
+        for path in side_files(source.folder):
+            if path.name != "config.json":
+                shutil.copy2(path, staging / path.name)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    output_bytes = sum(spec.nbytes for item in plan.items for spec in item.specs)
+    quantized_items = [item for item in plan.items if item.quantized_params]
+    return QuantizeSummary(
+        output=out,
+        quantized=report.replaced,
+        skipped=report.skipped,
+        source_bytes=int(metadata["source_bytes"]),
+        output_bytes=output_bytes,
+        quantized_params=sum(item.quantized_params for item in quantized_items),
+        quantized_bytes=sum(s.nbytes for item in quantized_items for s in item.specs),
+        shards=len(shards),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
+
+
+def _plan(
+    skeleton: torch.nn.Module,
+    tensors: dict[str, TensorInfo],
+    replaced: list[str],
+    config: QuantConfig,
+) -> _Plan:
+    """Map every source tensor to the output tensors it becomes."""
+    model_keys = set(skeleton.state_dict())
+    prefix = getattr(skeleton, "base_model_prefix", "")
+    rename = {key: _model_key(key, model_keys, prefix) for key in tensors}
+    by_model_key = {rename[key]: info for key, info in tensors.items()}
+    quantized = set(replaced)
+    scale_dtypes = {}
+    plan = _Plan()
+    for name in replaced:
+        info = by_model_key.get(f"{name}.weight")
+        if info is None:
+            raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
+        module = skeleton.get_submodule(name)
+        out_features, in_features = linear_weight(module).shape
+        scale_dtypes[name] = config.dtype or info.dtype
+        layout = QuantLinear(in_features, out_features, False, config, scale_dtypes[name], "meta")
+        plan.add(
+            _Item(
+                module=name,
+                specs=[
+                    TensorSpec(f"{name}.{key}", t.dtype, tuple(t.shape))
+                    for key, t in layout.state_dict().items()
+                ],
+                produce=_quantizer(
+                    name, info, config, scale_dtypes[name], isinstance(module, Conv1D)
+                ),
+                quantized_params=out_features * in_features,
+            )
+        )
+    for key, info in sorted(tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)):
+        model_key = rename[key]
+        module, _, leaf = model_key.rpartition(".")
+        if module in quantized and leaf == "weight":
+            continue
+        dtype = scale_dtypes.get(module) if module in quantized else config.dtype
+        if dtype is None or not info.dtype.is_floating_point:
+            dtype = info.dtype
+        plan.add(
+            _Item(
+                module=module,
+                specs=[TensorSpec(model_key, dtype, info.shape)],
+                produce=_copier(model_key, info, dtype),
+            )
+        )
+    return plan
+
+
+def _model_key(key: str, model_keys: set[str], prefix: str) -> str:
+    """A checkpoint key as the model names it (checkpoints of a base model lack the prefix)."""
+    if key in model_keys or not prefix:
+        return key
+    if f"{prefix}.{key}" in model_keys:
+        return f"{prefix}.{key}"
+    stripped = key.removeprefix(f"{prefix}.")
+    return stripped if stripped in model_keys else key
+
+
+def _quantizer(name, info, config, scale_dtype, transposed):
+    def produce() -> dict[str, torch.Tensor]:
+        weight = read_tensor(info)
+        if transposed:  # GPT-2's Conv1D stores (in, out)
+            weight = weight.t()
+        try:
+            qweight = quantize(
+                weight,
+                config.bits,
+                config.scheme,
+                config.granularity,
+                config.group_size,
+                scale_dtype,
+            )
+        except InvalidTensorError as error:
+            raise InvalidTensorError(f"{name}.weight: {error}") from None
+        return {f"{name}.{key}": t for key, t in compressed_state(qweight, config).items()}
+
+    return produce
+
+
+def _copier(model_key, info, dtype):
+    def produce() -> dict[str, torch.Tensor]:
+        return {model_key: read_tensor(info).to(dtype)}
+
+    return produce
+
+
+def _write_shards(staging, shards, metadata, on_tensor) -> None:
+    weight_map: dict[str, str] = {}
+    for index, items in enumerate(shards):
+        name = shard_name(index, len(shards))
+        writer = ShardWriter(staging / name, [s for item in items for s in item.specs], metadata)
+        try:
+            for item in items:
+                produced = item.produce()
+                for spec in item.specs:
+                    writer.write(spec.name, produced[spec.name])
+                    weight_map[spec.name] = name
+                if on_tensor:
+                    on_tensor(item.module)
+        finally:
+            writer.close()
+    if len(shards) > 1:
+        total = sum(s.nbytes for items in shards for item in items for s in item.specs)
+        write_index(staging, weight_map, total)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished folder onto `out`; an old `out` is removed only afterwards."""
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        retired.rmdir()
+        out.rename(retired)
+        staging.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out)
