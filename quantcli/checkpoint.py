@@ -176,7 +176,7 @@ class ShardWriter:
     """Writes one safetensors file whose tensors are all declared up front.
 
     The header goes out first; `write` then appends each tensor's bytes in the declared
-    order, so only one tensor is ever in memory.
+    order, so only one tensor is ever in memory. Use it as a context manager.
     """
 
     def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
@@ -204,9 +204,12 @@ class ShardWriter:
             require_little_endian()
             self._file.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
 
-    def close(self) -> None:
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
         self._file.close()
-        if self._pending:
+        if exc_type is None and self._pending:
             raise RuntimeError(f"shard closed with {len(self._pending)} tensors unwritten")
 
 
@@ -340,3 +343,95 @@ def check_format_version(metadata: dict[str, str], where: str) -> None:
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class LayerSummary:
+    """One module of a checkpoint as its headers describe it."""
+
+    name: str
+    kind: str  # "int8", "int4", "int2" or "float"
+    shape: tuple[int, ...]  # (out, in) of the weight
+    nbytes: int
+    params: int
+
+
+@dataclass
+class CheckpointSummary:
+    """What `inspect` reports, read from config.json and safetensors headers only."""
+
+    kind: str  # "quantcli", "compressed-tensors", "float" or "other:<method>"
+    config: QuantConfig | None
+    layers: list[LayerSummary]
+    other_bytes: int  # tensors outside the layers listed (norms, position ids...)
+    total_bytes: int
+    files: int
+    metadata: dict[str, str]
+
+    @property
+    def quantized(self) -> list[LayerSummary]:
+        return [layer for layer in self.layers if layer.kind != "float"]
+
+    @property
+    def bits_per_weight(self) -> float:
+        layers = self.quantized
+        params = sum(layer.params for layer in layers)
+        return 8 * sum(layer.nbytes for layer in layers) / params if params else 0.0
+
+
+def summarize(folder: Path, raw_quantization_config: object) -> CheckpointSummary:
+    """Describe a model folder from its headers: no tensor data is read."""
+    files = weight_files(folder)
+    tensors, metadata = read_all_headers(files)
+    config = None
+    if raw_quantization_config is None:
+        kind = "float"
+    elif isinstance(raw_quantization_config, dict) and (
+        raw_quantization_config.get("quant_method") == "compressed-tensors"
+    ):
+        check_format_version(metadata, str(folder))
+        config, _ = parse_quantization_config(raw_quantization_config)
+        kind = "quantcli" if "quantcli_version" in metadata else "compressed-tensors"
+    else:
+        method = getattr(raw_quantization_config, "get", lambda _: None)("quant_method")
+        kind = f"other:{method}"
+
+    by_module: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        by_module.setdefault(module, {})[leaf] = info
+    layers = []
+    for module, parts in by_module.items():
+        layer = _layer_summary(module, parts, config)
+        if layer is not None:
+            layers.append(layer)
+    listed = sum(layer.nbytes for layer in layers)
+    total = sum(info.nbytes for info in tensors.values())
+    return CheckpointSummary(kind, config, layers, total - listed, total, len(files), metadata)
+
+
+def _layer_summary(
+    module: str, parts: dict[str, TensorInfo], config: QuantConfig | None
+) -> LayerSummary | None:
+    nbytes = sum(info.nbytes for info in parts.values())
+    if "weight_scale" in parts and config is not None:
+        if "weight_packed" in parts:
+            out_features = parts["weight_packed"].shape[0]
+            in_features = _packed_in_features(parts, config)
+        else:
+            out_features, in_features = parts["weight"].shape
+        params = out_features * in_features
+        return LayerSummary(
+            module, f"int{config.bits}", (out_features, in_features), nbytes, params
+        )
+    weight = parts.get("weight")
+    if weight is not None and len(weight.shape) == 2:
+        return LayerSummary(module, "float", weight.shape, nbytes, weight.numel)
+    return None
+
+
+def _packed_in_features(parts: dict[str, TensorInfo], config: QuantConfig) -> int:
+    """in_features of a packed layer, from shapes alone (``weight_shape``'s value is data)."""
+    if config.granularity is Granularity.GROUP:
+        return parts["weight_scale"].shape[1] * config.group_size
+    return parts["weight_packed"].shape[1] * 32 // config.bits  # exact for in % (32/bits) == 0

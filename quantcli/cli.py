@@ -7,14 +7,27 @@ with its exit code and no traceback (``--debug`` shows it).
 
 from __future__ import annotations
 
+import json
+import re
 import sys
+from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from quantcli import __version__
-from quantcli.errors import NotImplementedYet, QuantcliError
+from quantcli.checkpoint import CheckpointSummary, summarize
+from quantcli.config import Granularity, QuantConfig, Scheme
+from quantcli.errors import NotImplementedYet, QuantcliError, UsageError
+from quantcli.models.loading import load_quantized, sanity_forward
+from quantcli.models.skeleton import load_hf_config
+from quantcli.models.source import resolve_model
+from quantcli.models.streaming import QuantizeSummary, quantize_checkpoint
 
 app = typer.Typer(
     name="quantcli",
@@ -26,6 +39,7 @@ app = typer.Typer(
     add_completion=False,
 )
 stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
 
 
 def _version(value: bool) -> None:
@@ -58,29 +72,186 @@ def _not_yet(command: str, issue: int) -> NotImplementedYet:
     )
 
 
-@app.command(epilog="Example: `quantcli quantize facebook/opt-125m --out ./opt-125m-int8`")
+RevisionOption = Annotated[
+    str | None, typer.Option("--revision", help="Hub branch, tag or commit (Hub ids only).")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`).",
+        show_default=False,
+    ),
+]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Allow running the model's own Python code from its repo."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON summary, nothing else.")]
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Bits(str, Enum):
+    eight = "8"
+    four = "4"
+    two = "2"
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "`quantcli quantize facebook/opt-125m --out ./opt-125m-int8`\n\n"
+    "`quantcli quantize ./my-llama --out ./llama-int4 --bits 4 --group-size 64`\n\n"
+    "`quantcli quantize gpt2 --out ./gpt2-int8 --exclude '*.attn.*' --json`"
+)
 def quantize(
-    model: Annotated[str, typer.Argument(help="Hub model id or local folder.")],
-    out: Annotated[str, typer.Option("--out", help="Output folder.")],
+    model: Annotated[str, typer.Argument(help="Hub model id or local folder (safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist).")],
+    bits: Annotated[Bits, typer.Option(help="Weight bits.")] = Bits.eight,
+    scheme: Annotated[
+        Scheme | None,
+        typer.Option(help="sym (absmax) or asym (zero point). Default: sym for 8, asym below."),
+    ] = None,
+    granularity: Annotated[
+        Granularity | None,
+        typer.Option(
+            help="Scale per tensor, channel (row) or group. Default: channel for 8, group below."
+        ),
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help="Inputs per group (default 32 with groups).", min=1)
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Keep modules matching this glob in float (repeatable), e.g. '*.mlp.down_proj'."
+        ),
+    ] = None,
+    quantize_head: Annotated[
+        bool, typer.Option("--quantize-head", help="Quantize the output head too.")
+    ] = False,
+    dtype: Annotated[
+        DtypeChoice,
+        typer.Option(help="dtype of scales and unquantized tensors (auto: keep the model's)."),
+    ] = DtypeChoice.auto,
+    max_shard_size: Annotated[
+        str, typer.Option(help="Largest output file, e.g. 500MB, 5GB.")
+    ] = "5GB",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+    ] = False,
+    revision: RevisionOption = None,
+    token: TokenOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    json_output: JsonOption = False,
 ) -> None:
-    """Quantize a checkpoint's linear layers into a compressed-tensors checkpoint."""
-    raise _not_yet("quantize", 3)
+    """Quantize a checkpoint's linear layers into a compressed-tensors checkpoint.
+
+    Streams the source one tensor at a time (the float model is never built), so memory
+    stays flat whatever the model size. The output loads with quantcli, transformers
+    (with compressed-tensors installed) and vLLM.
+    """
+    config = QuantConfig(
+        bits=int(bits.value),
+        scheme=scheme,
+        granularity=granularity,
+        group_size=group_size,
+        exclude=tuple(exclude or ()),
+        quantize_head=quantize_head,
+        dtype=DTYPES[dtype.value],
+    )
+    source = resolve_model(model, revision, token)
+    with _progress(disable=json_output) as progress:
+        task = progress.add_task("Quantizing", total=None)
+        summary = quantize_checkpoint(
+            source,
+            out,
+            config,
+            max_shard_size=_parse_size(max_shard_size),
+            overwrite=overwrite,
+            trust_remote_code=trust_remote_code,
+            on_start=lambda total: progress.update(task, total=total),
+            on_tensor=lambda name: progress.update(task, advance=1, description=name),
+        )
+    if json_output:
+        print(json.dumps(_quantize_json(summary, config, model)))
+    else:
+        _print_quantize_summary(summary, config)
 
 
-@app.command(epilog="Example: `quantcli load ./opt-125m-int8`")
+@app.command(
+    epilog="Examples:\n\n`quantcli load ./opt-125m-int8`\n\n"
+    "`quantcli load me/opt-125m-int8 --dtype bf16 --json`"
+)
 def load(
     model: Annotated[str, typer.Argument(help="Quantized checkpoint: local folder or Hub id.")],
+    device: Annotated[str, typer.Option(help="Device to load onto: cpu, cuda, cuda:1...")] = "cpu",
+    dtype: Annotated[
+        DtypeChoice, typer.Option(help="dtype of the float tensors (auto: as stored).")
+    ] = DtypeChoice.auto,
+    revision: RevisionOption = None,
+    token: TokenOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    json_output: JsonOption = False,
 ) -> None:
     """Load a quantized checkpoint without a float copy and run one forward pass."""
-    raise _not_yet("load", 3)
+    source = resolve_model(model, revision, token)
+    loaded, report = load_quantized(source, device, DTYPES[dtype.value], trust_remote_code)
+    check = sanity_forward(loaded)
+    result = {
+        "model": model,
+        "model_class": report.model_class,
+        "bits": report.config.bits,
+        "layers_quantized": report.quantized,
+        "layers_float": report.kept_float,
+        "bytes_in_memory": report.tensor_bytes,
+        "load_seconds": round(report.seconds, 3),
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "forward_ok": check,
+    }
+    if json_output:
+        print(json.dumps(result))
+        return
+    table = Table(show_header=False, box=None)
+    table.add_row("model", f"{report.model_class} from {model}")
+    table.add_row(
+        "layers",
+        f"{report.quantized} quantized (int{report.config.bits}), "
+        f"{report.kept_float} kept in float",
+    )
+    table.add_row("in memory", _bytes(report.tensor_bytes))
+    table.add_row("load time", f"{report.seconds:.2f} s")
+    table.add_row("peak memory", f"{_bytes(report.peak_rss_bytes)} (whole process)")
+    table.add_row("forward pass", check)
+    stdout.print(table)
 
 
-@app.command(epilog="Example: `quantcli inspect ./opt-125m-int8`")
+@app.command(
+    epilog="Examples:\n\n`quantcli inspect ./opt-125m-int8`\n\n"
+    "`quantcli inspect me/opt-125m-int8 --json`"
+)
 def inspect(
     path: Annotated[str, typer.Argument(help="Checkpoint folder or Hub id.")],
+    revision: RevisionOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Show what a checkpoint holds, layer by layer, from its headers only."""
-    raise _not_yet("inspect", 3)
+    source = resolve_model(path, revision, token)
+    raw = load_hf_config(source.folder).to_dict().get("quantization_config")
+    summary = summarize(source.folder, raw)
+    if json_output:
+        print(json.dumps(_inspect_json(summary)))
+    else:
+        _print_inspect(summary, path)
 
 
 @app.command(epilog="Example: `quantcli push ./opt-125m-int8 me/opt-125m-int8`")
@@ -99,6 +270,164 @@ def generate(
 ) -> None:
     """Generate text with a quantized model."""
     raise _not_yet("generate", 4)
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description:<40.40}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        disable=disable,
+        transient=True,
+    )
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def _parse_size(text: str) -> int:
+    """'500MB', '5GB', '2GiB' or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise UsageError(f"cannot read the size '{text}': write it like 500MB or 5GB.")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _config_label(config: QuantConfig) -> str:
+    if config.granularity is Granularity.GROUP:
+        return f"int{config.bits} {config.scheme.value} g{config.group_size}"
+    return f"int{config.bits} {config.scheme.value} {config.granularity.value}"
+
+
+def _quantize_json(summary: QuantizeSummary, config: QuantConfig, model: str) -> dict:
+    return {
+        "model": model,
+        "output": str(summary.output),
+        "scheme": _config_label(config),
+        "layers_quantized": len(summary.quantized),
+        "layers_float": summary.skipped,
+        "source_bytes": summary.source_bytes,
+        "output_bytes": summary.output_bytes,
+        "bits_per_weight": round(summary.bits_per_weight, 4),
+        "shards": summary.shards,
+        "seconds": round(summary.seconds, 3),
+        "peak_rss_bytes": summary.peak_rss_bytes,
+    }
+
+
+def _print_quantize_summary(summary: QuantizeSummary, config: QuantConfig) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_row("output", f"{summary.output} ({summary.shards} file(s))")
+    table.add_row("scheme", _config_label(config))
+    table.add_row(
+        "layers", f"{len(summary.quantized)} quantized, {len(summary.skipped)} kept in float"
+    )
+    for name, reason in list(summary.skipped.items())[:5]:
+        table.add_row("", f"[dim]{name}: {reason}[/]")
+    if len(summary.skipped) > 5:
+        table.add_row("", f"[dim]... and {len(summary.skipped) - 5} more[/]")
+    ratio = summary.source_bytes / summary.output_bytes if summary.output_bytes else 0
+    table.add_row(
+        "size",
+        f"{_bytes(summary.source_bytes)} -> {_bytes(summary.output_bytes)} ({ratio:.2f}x smaller)",
+    )
+    table.add_row(
+        "bits/weight", f"{summary.bits_per_weight:.3f} (quantized layers, scales included)"
+    )
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("peak memory", f"{_bytes(summary.peak_rss_bytes)} (whole process)")
+    stdout.print(table)
+    grouped = [r for r in summary.skipped.values() if "multiple of group_size" in r]
+    if grouped:
+        stderr.print(
+            f"[yellow]Warning:[/] {len(grouped)} layer(s) stayed in float because group_size="
+            f"{config.group_size} does not divide their width: choose a group size that does."
+        )
+
+
+def _inspect_json(summary: CheckpointSummary) -> dict:
+    return {
+        "kind": summary.kind,
+        "scheme": _config_label(summary.config) if summary.config else None,
+        "total_bytes": summary.total_bytes,
+        "files": summary.files,
+        "bits_per_weight": round(summary.bits_per_weight, 4),
+        "layers": [
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "shape": list(layer.shape),
+                "bytes": layer.nbytes,
+            }
+            for layer in summary.layers
+        ],
+        "metadata": summary.metadata,
+    }
+
+
+def _print_inspect(summary: CheckpointSummary, path: str) -> None:
+    if summary.kind == "float":
+        stdout.print(f"{path} is a plain float checkpoint (not quantized).")
+    elif summary.kind.startswith("other:"):
+        stdout.print(
+            f"{path} is quantized by another tool ({summary.kind[6:]}); quantcli reads "
+            "compressed-tensors int checkpoints only."
+        )
+    table = Table(title=f"{path}: {len(summary.layers)} weight matrices")
+    table.add_column("layer", overflow="fold")
+    for column in ("kind", "shape (out, in)", "bits", "group", "scheme"):
+        table.add_column(column)
+    table.add_column("size", justify="right")
+    config = summary.config
+    for layer in summary.layers:
+        quantized = layer.kind != "float" and config is not None
+        table.add_row(
+            layer.name,
+            layer.kind,
+            " x ".join(map(str, layer.shape)),
+            str(config.bits) if quantized else "16/32",
+            str(config.group_size or "-") if quantized else "-",
+            config.scheme.value if quantized else "-",
+            _bytes(layer.nbytes),
+        )
+    stdout.print(table)
+    totals = Table(show_header=False, box=None)
+    totals.add_row("format", summary.kind + (f" ({_config_label(config)})" if config else ""))
+    totals.add_row("size", f"{_bytes(summary.total_bytes)} in {summary.files} file(s)")
+    source_bytes = summary.metadata.get("source_bytes")
+    if source_bytes and source_bytes.isdigit():
+        ratio = int(source_bytes) / summary.total_bytes
+        totals.add_row("compression", f"{ratio:.2f}x (source: {_bytes(int(source_bytes))})")
+    if config:
+        totals.add_row("bits/weight", f"{summary.bits_per_weight:.3f} (quantized layers)")
+        totals.add_row("linear layers in float", ", ".join(config.exclude) or "none")
+    totals.add_row("other tensors", _bytes(summary.other_bytes))
+    for key in ("quantcli_version", "quantcli_format_version", "source_model", "source_revision"):
+        if summary.metadata.get(key):
+            totals.add_row(key, summary.metadata[key])
+    stdout.print(totals)
 
 
 def main() -> None:

@@ -1,5 +1,26 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests import their helpers (tiny_models) as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory):
+    """Tiny random models saved as Hub-style folders, built once per session."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+
+    def folder(arch: str, **save_kwargs) -> Path:
+        key = (arch, tuple(sorted(save_kwargs.items())))
+        if key not in folders:
+            path = root / f"{arch}-{len(folders)}"
+            build(arch).save_pretrained(path, **save_kwargs)
+            folders[key] = path
+        return folders[key]
+
+    return folder

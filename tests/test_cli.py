@@ -27,9 +27,6 @@ def test_version():
 @pytest.mark.parametrize(
     ("args", "issue"),
     [
-        (["quantize", "facebook/opt-125m", "--out", "q"], 3),
-        (["load", "q"], 3),
-        (["inspect", "q"], 3),
         (["push", "q", "me/q"], 4),
         (["generate", "q", "hello"], 4),
     ],

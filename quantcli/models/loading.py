@@ -139,3 +139,20 @@ def _check_against_skeleton(tensors, expected, tied) -> None:
                 f"tensor {name} is {str(info.dtype).removeprefix('torch.')} in the file but "
                 f"the config implies {str(want.dtype).removeprefix('torch.')}."
             )
+
+
+def sanity_forward(model: nn.Module) -> str:
+    """Run one short forward pass; say what came out, or raise if it is not finite."""
+    device = next(iter(model.buffers()), torch.empty(0)).device
+    ids = torch.arange(1, 9, device=device).unsqueeze(0)
+    inputs = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids[:, :4]
+    with torch.no_grad():
+        output = model(**inputs)
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0]
+    if not torch.isfinite(logits).all():
+        raise CheckpointError("the loaded model produced NaN or Inf on a test input.")
+    return f"ok: {tuple(ids.shape)} tokens -> {tuple(logits.shape)} finite outputs"

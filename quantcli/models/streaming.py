@@ -266,8 +266,8 @@ def _write_shards(staging, shards, metadata, on_tensor) -> None:
     weight_map: dict[str, str] = {}
     for index, items in enumerate(shards):
         name = shard_name(index, len(shards))
-        writer = ShardWriter(staging / name, [s for item in items for s in item.specs], metadata)
-        try:
+        specs = [spec for item in items for spec in item.specs]
+        with ShardWriter(staging / name, specs, metadata) as writer:
             for item in items:
                 produced = item.produce()
                 for spec in item.specs:
@@ -275,8 +275,6 @@ def _write_shards(staging, shards, metadata, on_tensor) -> None:
                     weight_map[spec.name] = name
                 if on_tensor:
                     on_tensor(item.module)
-        finally:
-            writer.close()
     if len(shards) > 1:
         total = sum(s.nbytes for items in shards for item in items for s in item.specs)
         write_index(staging, weight_map, total)
