@@ -396,7 +396,7 @@ def _print_inspect(summary: CheckpointSummary, path: str) -> None:
             "compressed-tensors int checkpoints only."
         )
     table = Table(title=f"{path}: {len(summary.layers)} weight matrices")
-    table.add_column("layer", overflow="fold")
+    table.add_column("layer", no_wrap=True)
     for column in ("kind", "shape (out, in)", "bits", "group", "scheme"):
         table.add_column(column)
     table.add_column("size", justify="right")
@@ -412,7 +412,10 @@ def _print_inspect(summary: CheckpointSummary, path: str) -> None:
             config.scheme.value if quantized else "-",
             _bytes(layer.nbytes),
         )
-    stdout.print(table)
+    longest = max((len(layer.name) for layer in summary.layers), default=0)
+    table.columns[0].min_width = longest  # names are never cut
+    wide = stdout if stdout.is_terminal else Console(highlight=False, width=longest + 80)
+    wide.print(table)
     totals = Table(show_header=False, box=None)
     totals.add_row("format", summary.kind + (f" ({_config_label(config)})" if config else ""))
     totals.add_row("size", f"{_bytes(summary.total_bytes)} in {summary.files} file(s)")
