@@ -33,7 +33,8 @@ demo: $(VENV)/.smollm2
 	$(PY) scripts/demo.py --cache $(CACHE)
 
 bench: $(VENV)/.smollm2
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --cache $(CACHE)
+	$(PY) scripts/bench_memory.py --cache $(CACHE)
 
 lint: install
 	$(PY) -m ruff check quantcli tests scripts

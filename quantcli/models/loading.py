@@ -27,7 +27,7 @@ from quantcli.config import QuantConfig
 from quantcli.errors import CheckpointError
 from quantcli.models.replace import replace_linear_layers
 from quantcli.models.skeleton import build_skeleton, load_hf_config
-from quantcli.models.source import ModelSource
+from quantcli.models.source import ModelSource, resolve_model
 
 
 @dataclass
@@ -156,3 +156,18 @@ def sanity_forward(model: nn.Module) -> str:
     if not torch.isfinite(logits).all():
         raise CheckpointError("the loaded model produced NaN or Inf on a test input.")
     return f"ok: {tuple(ids.shape)} tokens -> {tuple(logits.shape)} finite outputs"
+
+
+def load(
+    model: str,
+    *,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a quantized checkpoint (local folder or Hub id) as a ready model."""
+    source = resolve_model(model, revision, token)
+    loaded, _ = load_quantized(source, device, dtype, trust_remote_code)
+    return loaded
