@@ -74,7 +74,7 @@ def synthetic_llama(folder: Path, layers: int) -> Path:
         groups.setdefault(group, []).append(key)
     weight_map, total = {}, 0
     generator = torch.Generator().manual_seed(0)
-    for index, (group, keys) in enumerate(groups.items()):
+    for index, keys in enumerate(groups.values()):
         name = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {k: (torch.randn(shapes[k], generator=generator) * 0.02).bfloat16() for k in keys}
         save_file(tensors, staging / name, metadata={"format": "pt"})
