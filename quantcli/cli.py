@@ -334,6 +334,7 @@ def _quantize_json(summary: QuantizeSummary, config: QuantConfig, model: str) ->
         "shards": summary.shards,
         "seconds": round(summary.seconds, 3),
         "peak_rss_bytes": summary.peak_rss_bytes,
+        "warnings": summary.warnings,
     }
 
 
@@ -359,12 +360,8 @@ def _print_quantize_summary(summary: QuantizeSummary, config: QuantConfig) -> No
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("peak memory", f"{_bytes(summary.peak_rss_bytes)} (whole process)")
     stdout.print(table)
-    grouped = [r for r in summary.skipped.values() if "multiple of group_size" in r]
-    if grouped:
-        stderr.print(
-            f"[yellow]Warning:[/] {len(grouped)} layer(s) stayed in float because group_size="
-            f"{config.group_size} does not divide their width: choose a group size that does."
-        )
+    for warning in summary.warnings:
+        stderr.print(f"[yellow]Warning:[/] {warning}")
 
 
 def _inspect_json(summary: CheckpointSummary) -> dict:

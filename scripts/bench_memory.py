@@ -102,8 +102,9 @@ def main() -> None:
         )
         models[f"Llama 2048 x {layers} layers (bf16)"] = folder
 
+    # the imports every run pays: quantcli, torch, transformers and the model's own module
     _, baseline = measure(
-        sys.executable, "-c", "import quantcli.cli, quantcli.models.loading, transformers"
+        sys.executable, "-c", "import quantcli.cli; from transformers import LlamaForCausalLM"
     )
     table = Table(title=f"Peak RSS over the bare imports ({baseline / 1e6:.0f} MB)")
     for column in (

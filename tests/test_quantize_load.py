@@ -259,3 +259,19 @@ def test_skeleton_keeps_real_buffers(saved_models, tmp_path):
     loaded, _ = load_folder(tmp_path / "q")
     reference = AUTO_CLASS["bert"].from_config(CONFIGS["bert"]())
     assert torch.equal(loaded.bert.embeddings.position_ids, reference.bert.embeddings.position_ids)
+
+
+def test_warnings_for_group_misfits_and_conv1d(saved_models, tmp_path):
+    gpt2 = quantize_folder(saved_models("gpt2"), tmp_path / "g", QuantConfig(bits=8))
+    assert any("Conv1D" in warning for warning in gpt2.warnings)
+    # groups of 128 fit only down_proj (128 inputs); the 12 other layers have 64 inputs
+    config = QuantConfig(bits=4, group_size=128)
+    llama = quantize_folder(saved_models("llama"), tmp_path / "l", config)
+    assert sorted(llama.quantized) == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    assert llama.warnings == [
+        "12 layer(s) stayed in float because group_size=128 does not divide their width: "
+        "choose a group size that does."
+    ]

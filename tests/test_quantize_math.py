@@ -200,3 +200,16 @@ def test_bits_out_of_range():
 def test_scale_overflowing_its_dtype_is_refused():
     with pytest.raises(InvalidTensorError, match="overflow"):
         quantize(torch.full((2, 8), 1e38), 2, "sym", "channel", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{layout[0]}{layout[1] or ''}")
+def test_row_blocks_change_no_result(scheme, layout, monkeypatch):
+    """Big matrices are processed a few rows at a time; the numbers must not depend on it."""
+    weight = torch.randn(37, 64).bfloat16()
+    whole = quantize(weight, 4, scheme, *layout)
+    monkeypatch.setattr("quantcli.tensor.quantize.BLOCK_ELEMENTS", 3 * 64)  # 3 rows per block
+    blocked = quantize(weight, 4, scheme, *layout)
+    assert torch.equal(blocked.qdata, whole.qdata) and torch.equal(blocked.scale, whole.scale)
+    if whole.zero_point is not None:
+        assert torch.equal(blocked.zero_point, whole.zero_point)

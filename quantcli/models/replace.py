@@ -26,6 +26,7 @@ class ReplacementReport:
 
     replaced: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    group_misfits: list[str] = field(default_factory=list)  # skipped: width % group_size
 
 
 def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport:
@@ -36,7 +37,11 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
         weight = linear_weight(module)
         if weight is None:
             continue
-        reason = _skip_reason(name, weight, config, heads)
+        reason = _skip_reason(name, config, heads)
+        in_features, group_size = weight.shape[1], config.group_size
+        if reason is None and config.granularity is Granularity.GROUP and in_features % group_size:
+            reason = f"in_features={in_features} is not a multiple of group_size={group_size}"
+            report.group_misfits.append(name)
         if reason:
             report.skipped[name] = reason
         else:
@@ -84,17 +89,12 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _skip_reason(
-    name: str, weight: torch.Tensor, config: QuantConfig, heads: set[str]
-) -> str | None:
+def _skip_reason(name: str, config: QuantConfig, heads: set[str]) -> str | None:
     if name in heads and not config.quantize_head:
         return "output head (kept in float; quantize it with --quantize-head)"
     for pattern in config.exclude:
         if fnmatchcase(name, pattern):
             return f"excluded by pattern '{pattern}'"
-    in_features = weight.shape[1]
-    if config.granularity is Granularity.GROUP and in_features % config.group_size:
-        return f"in_features={in_features} is not a multiple of group_size={config.group_size}"
     return None
 
 

@@ -56,6 +56,7 @@ class QuantizeSummary:
     shards: int
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float:
@@ -158,6 +159,7 @@ def quantize_checkpoint(
     output_bytes = sum(spec.nbytes for item in plan.items for spec in item.specs)
     quantized_items = [item for item in plan.items if item.quantized_params]
     return QuantizeSummary(
+        warnings=_warnings(skeleton, report, config),
         output=out,
         quantized=report.replaced,
         skipped=report.skipped,
@@ -222,6 +224,23 @@ def _plan(
             )
         )
     return plan
+
+
+def _warnings(skeleton, report, config: QuantConfig) -> list[str]:
+    """What the user should know about the checkpoint just written."""
+    warnings = []
+    if report.group_misfits:
+        warnings.append(
+            f"{len(report.group_misfits)} layer(s) stayed in float because "
+            f"group_size={config.group_size} does not divide their width: "
+            "choose a group size that does."
+        )
+    if any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced):
+        warnings.append(
+            "this model's Conv1D layers (GPT-2 style) are quantized: quantcli loads the "
+            "checkpoint, but transformers and vLLM quantize nn.Linear only and cannot."
+        )
+    return warnings
 
 
 def _model_key(key: str, model_keys: set[str], prefix: str) -> str:

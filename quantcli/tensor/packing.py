@@ -29,12 +29,12 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """
     per_byte = _values_per_byte(bits)
     offset = 2 ** (bits - 1)
-    codes = values.to(torch.int16) + offset
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+    if values.numel() and (values.min() < -offset or values.max() >= offset):
         raise UsageError(f"values outside the signed {bits}-bit range cannot be packed.")
+    codes = (values.to(torch.int8) + offset).view(torch.uint8)  # in range: no overflow
     codes = F.pad(codes, (0, -codes.shape[-1] % per_byte)).unflatten(-1, (-1, per_byte))
-    shifts = torch.arange(0, 8, bits, dtype=torch.int16, device=values.device)
-    return (codes << shifts).sum(-1).to(torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=values.device)
+    return (codes << shifts).sum(-1, dtype=torch.uint8)  # disjoint bits: sum is bitwise or
 
 
 def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:

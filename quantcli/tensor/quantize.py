@@ -24,6 +24,7 @@ from quantcli.config import Granularity, Scheme
 from quantcli.errors import InvalidTensorError, UsageError
 
 MIN_BITS, MAX_BITS = 2, 8
+BLOCK_ELEMENTS = 1 << 20
 
 
 def int_range(bits: int) -> tuple[int, int]:
@@ -92,19 +93,43 @@ def quantize(
     q_min, q_max = int_range(bits)
     _check_weight(weight)
     dtype = dtype or weight.dtype
-    groups = _as_groups(weight.float(), granularity, group_size)
+    if granularity is Granularity.GROUP:
+        groups_per_row(weight.shape[1], group_size)
+    blocks = _row_blocks(weight)
 
+    # 1. the range of every group, block by block
+    lows, highs = [], []
+    for _, block in blocks:
+        groups = _as_groups(block.float(), granularity, group_size)
+        lows.append(groups.amin(-1))
+        highs.append(groups.amax(-1))
+    low, high = torch.cat(lows), torch.cat(highs)
+    if granularity is Granularity.TENSOR:
+        low, high = low.min().reshape(1, 1), high.max().reshape(1, 1)
+
+    # 2. scale and zero point per group, from float32 ranges
     if scheme is Scheme.SYM:
-        scale = _round_up(groups.abs().amax(-1) / q_max, dtype)
+        scale = _round_up(torch.maximum(low.abs(), high.abs()) / q_max, dtype)
         zero = None
-        shifted = groups / scale.float().unsqueeze(-1)
     else:
-        low = groups.amin(-1).clamp(max=0)
-        high = groups.amax(-1).clamp(min=0)
+        low, high = low.clamp(max=0), high.clamp(min=0)
         scale = _round_up((high - low) / (q_max - q_min), dtype)
         zero = torch.round(q_min - low / scale.float()).clamp(q_min, q_max)
-        shifted = groups / scale.float().unsqueeze(-1) + zero.unsqueeze(-1)
-    qdata = torch.round(shifted).clamp(q_min, q_max).to(torch.int8).reshape(weight.shape)
+
+    # 3. the integers, block by block, against the stored scale
+    qdata = torch.empty(weight.shape, dtype=torch.int8)
+    for start, block in blocks:
+        rows = (
+            slice(None) if granularity is Granularity.TENSOR else slice(start, start + len(block))
+        )
+        shifted = _as_groups(block.float(), granularity, group_size) / scale[
+            rows
+        ].float().unsqueeze(-1)
+        if zero is not None:
+            shifted += zero[rows].unsqueeze(-1)
+        qdata[start : start + len(block)] = (
+            shifted.round_().clamp_(q_min, q_max).to(torch.int8).reshape(block.shape)
+        )
 
     scale_shape = (1,) if granularity is Granularity.TENSOR else (weight.shape[0], -1)
     return QuantizedTensor(
@@ -116,6 +141,13 @@ def quantize(
         granularity=granularity,
         group_size=group_size if granularity is Granularity.GROUP else None,
     )
+
+
+def _row_blocks(weight: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Row slices of about `BLOCK_ELEMENTS` values: float32 temporaries stay ~4 MB each,
+    whatever the matrix size. Rows are independent, so blocks change no result."""
+    rows = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    return [(start, weight[start : start + rows]) for start in range(0, weight.shape[0], rows)]
 
 
 def _check_weight(weight: torch.Tensor) -> None:
@@ -137,7 +169,7 @@ def _check_weight(weight: torch.Tensor) -> None:
 def _as_groups(x: torch.Tensor, granularity: Granularity, group_size: int | None) -> torch.Tensor:
     """View the weight as (rows, groups, values per group): each group shares one scale."""
     if granularity is Granularity.TENSOR:
-        return x.reshape(1, 1, -1)
+        return x.reshape(1, 1, -1) if x.shape[0] else x.reshape(0, 1, -1)
     if granularity is Granularity.CHANNEL:
         return x.unsqueeze(1)
     return x.unflatten(1, (groups_per_row(x.shape[1], group_size), group_size))
