@@ -1,5 +1,7 @@
 """Round-trip bounds of the quantization math, on random and adversarial weights."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -208,7 +210,8 @@ def test_row_blocks_change_no_result(scheme, layout, monkeypatch):
     """Big matrices are processed a few rows at a time; the numbers must not depend on it."""
     weight = torch.randn(37, 64).bfloat16()
     whole = quantize(weight, 4, scheme, *layout)
-    monkeypatch.setattr("quantcli.tensor.quantize.BLOCK_ELEMENTS", 3 * 64)  # 3 rows per block
+    module = importlib.import_module("quantcli.tensor.quantize")
+    monkeypatch.setattr(module, "BLOCK_ELEMENTS", 3 * 64)  # 3 rows per block
     blocked = quantize(weight, 4, scheme, *layout)
     assert torch.equal(blocked.qdata, whole.qdata) and torch.equal(blocked.scale, whole.scale)
     if whole.zero_point is not None:
