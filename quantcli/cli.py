@@ -7,6 +7,7 @@ with its exit code and no traceback (``--debug`` shows it).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import sys
@@ -63,6 +64,22 @@ def _root(
 
 
 _state = {"debug": False}
+
+
+def _return_big_frees_to_the_os() -> None:
+    """Fix glibc's mmap threshold at 1 MiB for this process.
+
+    By default glibc raises the threshold to the largest block freed so far (an embedding
+    matrix, say), after which every smaller tensor comes from a heap that only grows:
+    quantizing a 1 GB model then peaked 250 MB higher. Set only by quantize and load,
+    which pass through many large one-off tensors; a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def _not_yet(command: str, issue: int) -> NotImplementedYet:
@@ -159,6 +176,7 @@ def quantize(
     stays flat whatever the model size. The output loads with quantcli, transformers
     (with compressed-tensors installed) and vLLM.
     """
+    _return_big_frees_to_the_os()
     config = QuantConfig(
         bits=int(bits.value),
         scheme=scheme,
@@ -203,6 +221,7 @@ def load(
     json_output: JsonOption = False,
 ) -> None:
     """Load a quantized checkpoint without a float copy and run one forward pass."""
+    _return_big_frees_to_the_os()
     source = resolve_model(model, revision, token)
     loaded, report = load_quantized(source, device, DTYPES[dtype.value], trust_remote_code)
     check = sanity_forward(loaded)
