@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
     torch.manual_seed(0)
     sources = {
         "Gaussian 4096x4096 (bf16)": [torch.randn(4096, 4096).bfloat16()],

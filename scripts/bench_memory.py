@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 24])
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
     models = {"SmolLM2-135M (bf16)": smollm2_folder(args.cache)}
     for layers in args.layers:
         started = time.perf_counter()
