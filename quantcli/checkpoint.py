@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 COMPRESSED_TENSORS_VERSION = "0.20.0"
+EVAL_NAME = "quantcli_eval.json"  # quality figures recorded by `quantcli eval`
 
 _DTYPES = {
     "F64": torch.float64,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import re
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -24,7 +25,9 @@ from rich.table import Table
 from quantcli import __version__
 from quantcli.checkpoint import CheckpointSummary, summarize
 from quantcli.config import Granularity, QuantConfig, Scheme
-from quantcli.errors import NotImplementedYet, QuantcliError, UsageError
+from quantcli.errors import QuantcliError, UsageError
+from quantcli.hub import push_checkpoint
+from quantcli.models.generation import generate_text, load_tokenizer
 from quantcli.models.loading import load_quantized, sanity_forward
 from quantcli.models.skeleton import load_hf_config
 from quantcli.models.source import resolve_model
@@ -66,6 +69,18 @@ def _root(
 _state = {"debug": False}
 
 
+def _command_line() -> str:
+    """This run's command line for the record, with any --token value masked."""
+    args = sys.argv[1:]
+    masked = []
+    for i, arg in enumerate(args):
+        if i and args[i - 1] == "--token":
+            masked.append("***")
+        else:
+            masked.append("--token=***" if arg.startswith("--token=") else arg)
+    return shlex.join(["quantcli", *masked])
+
+
 def _return_big_frees_to_the_os() -> None:
     """Fix glibc's mmap threshold at 1 MiB for this process.
 
@@ -80,13 +95,6 @@ def _return_big_frees_to_the_os() -> None:
         return
     m_mmap_threshold = -3
     libc.mallopt(m_mmap_threshold, 1 << 20)
-
-
-def _not_yet(command: str, issue: int) -> NotImplementedYet:
-    return NotImplementedYet(
-        f"'quantcli {command}' is not available yet in quantcli {__version__} "
-        f"(planned in issue #{issue}); nothing was done."
-    )
 
 
 RevisionOption = Annotated[
@@ -196,6 +204,7 @@ def quantize(
             max_shard_size=_parse_size(max_shard_size),
             overwrite=overwrite,
             trust_remote_code=trust_remote_code,
+            command=_command_line(),
             on_start=lambda total: progress.update(task, total=total),
             on_tensor=lambda name: progress.update(task, advance=1, description=name),
         )
@@ -273,22 +282,133 @@ def inspect(
         _print_inspect(summary, path)
 
 
-@app.command(epilog="Example: `quantcli push ./opt-125m-int8 me/opt-125m-int8`")
+@app.command(
+    epilog="Examples:\n\n`quantcli push ./opt-125m-int8 me/opt-125m-int8`\n\n"
+    "`quantcli push ./llama-int4 me/llama-int4 --private --revision v2`"
+)
 def push(
-    folder: Annotated[str, typer.Argument(help="Quantized checkpoint folder.")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repository, USER/NAME.")],
+    folder: Annotated[Path, typer.Argument(help="Quantized checkpoint folder (from quantize).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, USER/NAME (created if needed).")],
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repository private.")
+    ] = False,
+    revision: Annotated[
+        str | None, typer.Option(help="Branch to push to (created if missing).")
+    ] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    create_pr: Annotated[
+        bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")
+    ] = False,
+    overwrite_card: Annotated[
+        bool, typer.Option("--overwrite-card", help="Regenerate README.md even if you edited it.")
+    ] = False,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
 ) -> None:
-    """Upload a quantized checkpoint to the Hub with a model card."""
-    raise _not_yet("push", 4)
+    """Upload a quantized checkpoint to the Hub, with a model card written from its files.
+
+    The card (README.md in the folder) lists the settings, sizes, the command that made the
+    checkpoint and how to use it. A card you edited is kept unless --overwrite-card.
+    Pushing unchanged files makes no new commit.
+    """
+    if create_pr and revision:
+        raise UsageError("--create-pr opens a pull request against main: drop --revision.")
+    result = push_checkpoint(
+        folder,
+        repo_id,
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        overwrite_card=overwrite_card,
+    )
+    if json_output:
+        print(json.dumps(result.__dict__))
+        return
+    stderr.print(f"Model card: {result.card}.")
+    if not result.changed:
+        stdout.print(
+            f"No changes: {result.repo_url} already has these files "
+            f"(commit {result.commit_oid[:10]}); nothing was committed."
+        )
+    elif result.pr_url:
+        stdout.print(f"Opened {result.pr_url} (commit {result.commit_oid[:10]}).")
+    else:
+        stdout.print(f"Pushed to {result.repo_url} (commit {result.commit_url}).")
 
 
-@app.command(epilog='Example: `quantcli generate me/opt-125m-int8 "The capital of France is"`')
+@app.command(
+    epilog='Examples:\n\n`quantcli generate me/opt-125m-int8 "The capital of France is"`\n\n'
+    '`echo "Tell me a joke" | quantcli generate ./smollm2-int8 - --max-new-tokens 64`'
+)
 def generate(
     model: Annotated[str, typer.Argument(help="Quantized checkpoint: local folder or Hub id.")],
     prompt: Annotated[str, typer.Argument(help="The prompt, or - to read it from stdin.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", min=1)] = 128,
+    do_sample: Annotated[
+        bool, typer.Option("--do-sample/--greedy", help="Sample, or take the likeliest token.")
+    ] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.", min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens.", min=0)] = 50,
+    seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat", help="Apply the chat template (default: when it has one)."
+        ),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System message (chat only).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
+    revision: RevisionOption = None,
+    token: TokenOption = None,
+    json_output: JsonOption = False,
 ) -> None:
-    """Generate text with a quantized model."""
-    raise _not_yet("generate", 4)
+    """Generate text with a quantized model, streaming tokens as they come."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    source = resolve_model(model, revision, token)
+    loaded, _ = load_quantized(source, device)
+    tokenizer = load_tokenizer(source.folder)
+    streamer = None
+    if not json_output:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = generate_text(
+        loaded,
+        tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        chat=chat,
+        system=system,
+        streamer=streamer,
+    )
+    if json_output:
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "prompt_tokens": result.prompt_tokens,
+                    "new_tokens": result.new_tokens,
+                    "seconds": round(result.seconds, 3),
+                    "tokens_per_second": round(result.tokens_per_second, 2),
+                }
+            )
+        )
+        return
+    if result.max_new_tokens < max_new_tokens:
+        stderr.print(f"(capped at {result.max_new_tokens} new tokens: the model's context is full)")
+    stderr.print(
+        f"{result.new_tokens} tokens in {result.seconds:.2f} s "
+        f"({result.tokens_per_second:.1f} tokens/s)"
+    )
 
 
 def _progress(disable: bool) -> Progress:

@@ -20,12 +20,6 @@ class UsageError(QuantcliError, ValueError):
     exit_code = 2
 
 
-class NotImplementedYet(QuantcliError):
-    """A command whose implementation has not landed yet."""
-
-    exit_code = 2
-
-
 class InvalidTensorError(QuantcliError, ValueError):
     """A tensor that cannot be quantized as it is (NaN, Inf, wrong rank)."""
 
@@ -42,3 +36,9 @@ class CheckpointError(QuantcliError):
     """A checkpoint that is missing pieces, corrupt, or in a format quantcli cannot read."""
 
     exit_code = 4
+
+
+class AuthError(QuantcliError):
+    """No token, a token the Hub rejects, or no right to write where asked."""
+
+    exit_code = 3

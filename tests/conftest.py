@@ -6,7 +6,7 @@ import pytest
 # tests import their helpers (tiny_models) as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build  # noqa: E402
+from tiny_models import build, char_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +20,7 @@ def saved_models(tmp_path_factory):
         if key not in folders:
             path = root / f"{arch}-{len(folders)}"
             build(arch).save_pretrained(path, **save_kwargs)
+            char_tokenizer().save_pretrained(path)
             folders[key] = path
         return folders[key]
 

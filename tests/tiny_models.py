@@ -92,3 +92,23 @@ def sample_inputs(arch: str, batch: int = 2, length: int = 12) -> dict[str, torc
 def logits(model: torch.nn.Module, arch: str) -> torch.Tensor:
     with torch.no_grad():
         return model(**sample_inputs(arch)).logits
+
+
+def char_tokenizer():
+    """A character-level tokenizer that fits VOCAB, with a chat template: no download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(code) for code in range(32, 127)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    return tokenizer

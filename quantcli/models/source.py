@@ -29,9 +29,10 @@ SIDE_FILE_PATTERNS = (
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
-    "README.md",
     "LICENSE*",
 )
+#: The source's model card: read for its license, never copied (it describes the float model).
+CARD_NAME = "README.md"
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 
 
@@ -67,6 +68,19 @@ def side_files(folder: Path) -> list[Path]:
     )
 
 
+def card_license(folder: Path) -> str | None:
+    """The `license` of a model card's YAML front matter, when the folder has a card."""
+    card = folder / CARD_NAME
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(card).data.to_dict().get("license")
+    except Exception:  # a malformed card must not stop a quantization
+        return None
+
+
 def _looks_like_a_path(model: str) -> bool:
     return (
         model.startswith((".", "/", "~"))
@@ -91,7 +105,7 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSou
             repo_id,
             revision=revision,
             token=token,
-            allow_patterns=[*SIDE_FILE_PATTERNS, *WEIGHT_PATTERNS],
+            allow_patterns=[*SIDE_FILE_PATTERNS, *WEIGHT_PATTERNS, CARD_NAME],
         )
     except GatedRepoError:
         raise NotFoundError(

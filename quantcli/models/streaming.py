@@ -35,7 +35,7 @@ from quantcli.config import QuantConfig
 from quantcli.errors import CheckpointError, InvalidTensorError, UsageError
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
-from quantcli.models.source import ModelSource, side_files
+from quantcli.models.source import ModelSource, card_license, side_files
 from quantcli.nn.qlinear import QuantLinear, compressed_state
 from quantcli.tensor.quantize import quantize
 
@@ -105,13 +105,15 @@ def quantize_checkpoint(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    command: str | None = None,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> QuantizeSummary:
     """Write `source` quantized per `config` to the folder `out`.
 
-    `on_start` receives the number of output modules, `on_tensor` each one's name as it is
-    written (for progress bars).
+    `command` (how the user asked for this run) is recorded for the model card. `on_start`
+    receives the number of output modules, `on_tensor` each one's name as it is written
+    (for progress bars).
     """
     started = time.perf_counter()
     out = out.expanduser().resolve()
@@ -141,6 +143,8 @@ def quantize_checkpoint(
     try:
         metadata = header_metadata(config, source.model_id, source.revision)
         metadata["source_bytes"] = str(sum(info.nbytes for info in tensors.values()))
+        metadata["source_license"] = card_license(source.folder) or ""
+        metadata["quantcli_command"] = command or ""
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)

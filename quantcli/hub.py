@@ -1,0 +1,258 @@
+"""Publishing a quantcli checkpoint to the Hub, with a model card written from its files.
+
+Everything goes through `huggingface_hub.HfApi` (so `HF_ENDPOINT`, `HF_TOKEN` and the
+token saved by `hf auth login` apply). Tokens are passed along, never printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantcli import __version__
+from quantcli.checkpoint import EVAL_NAME, CheckpointSummary, summarize
+from quantcli.config import Granularity, Scheme
+from quantcli.errors import AuthError, CheckpointError, NotFoundError
+from quantcli.models.skeleton import load_hf_config
+from quantcli.models.source import CARD_NAME
+
+_CARD_SEAL = re.compile(r"\n<!-- quantcli model card sha256:([0-9a-f]{64}) -->\n?\Z")
+_PIPELINES = (  # architecture suffix -> pipeline tag
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForSeq2SeqLM", "text2text-generation"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForSequenceClassification", "text-classification"),
+)
+
+
+@dataclass
+class PushResult:
+    repo_url: str
+    commit_url: str
+    commit_oid: str
+    changed: bool  # False when the Hub already had these exact files
+    card: str  # "written", "refreshed" or "kept (edited by you)"
+    pr_url: str | None = None
+
+
+def push_checkpoint(
+    folder: Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    overwrite_card: bool = False,
+) -> PushResult:
+    """Write the model card into `folder`, then upload the folder to `repo_id`."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    summary = checkpoint_summary(folder)
+    token = token or get_token()
+    if not token:
+        raise AuthError("no Hub token: log in with `hf auth login`, set HF_TOKEN, or pass --token.")
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()["name"]
+    except HfHubHTTPError as error:
+        raise AuthError(
+            f"the Hub rejected the token ({_status(error)}): check it or log in again."
+        ) from None
+    card = write_card(folder, summary, repo_id, overwrite_card)
+    try:
+        repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        before = None if create_pr else api.repo_info(repo_id, revision=revision).sha
+        info = api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=commit_message
+            or f"Upload {summary_label(summary)} checkpoint with quantcli",
+            create_pr=create_pr,
+            ignore_patterns=[".*", "**/.*"],
+        )
+    except HfHubHTTPError as error:
+        raise AuthError(
+            f"the Hub refused the push to {repo_id} as {user} ({_status(error)}): "
+            "check the repository name and your write access."
+        ) from None
+    return PushResult(
+        repo_url=repo_url,
+        commit_url=info.commit_url,
+        commit_oid=info.oid,
+        changed=create_pr or info.oid != before,
+        card=card,
+        pr_url=info.pr_url,
+    )
+
+
+def checkpoint_summary(folder: Path) -> CheckpointSummary:
+    """The summary of a folder that must be a quantcli checkpoint, or a clear refusal."""
+    if not folder.is_dir():
+        raise NotFoundError(f"no folder {folder}: check the path.")
+    raw = load_hf_config(folder).to_dict().get("quantization_config")
+    summary = summarize(folder, raw)
+    if summary.kind != "quantcli":
+        raise CheckpointError(
+            f"{folder} is not a quantcli checkpoint ({summary.kind}): "
+            "run `quantcli quantize` on the original model first."
+        )
+    return summary
+
+
+def summary_label(summary: CheckpointSummary) -> str:
+    config = summary.config
+    group = f" g{config.group_size}" if config.granularity is Granularity.GROUP else ""
+    return f"int{config.bits}{group}"
+
+
+def write_card(folder: Path, summary: CheckpointSummary, repo_id: str, overwrite: bool) -> str:
+    """Write README.md unless the user edited the one there; say what was done."""
+    path = folder / CARD_NAME
+    existed = path.is_file()
+    if existed and not overwrite and not _is_our_card(path.read_text(encoding="utf-8")):
+        return "kept (edited by you; --overwrite-card replaces it)"
+    path.write_text(model_card(folder, summary, repo_id), encoding="utf-8")
+    return "refreshed" if existed else "written"
+
+
+def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
+    from huggingface_hub import ModelCardData
+
+    meta, config = summary.metadata, summary.config
+    source = meta.get("source_model", "")
+    on_hub = bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not Path(source).exists()
+    hf_config = json.loads((folder / "config.json").read_text())
+    data = ModelCardData(
+        base_model=source if on_hub else None,
+        base_model_relation="quantized" if on_hub else None,
+        library_name="transformers",
+        license=meta.get("source_license") or None,
+        pipeline_tag=_pipeline_tag(hf_config.get("architectures") or []),
+        tags=["quantized", f"int{config.bits}", "compressed-tensors", "quantcli"],
+    )
+    source_link = f"[{source}](https://huggingface.co/{source})" if on_hub else f"`{source}`"
+    kept = ", ".join(f"`{name}`" for name in config.exclude) or "none"
+    source_bytes = int(meta.get("source_bytes") or 0)
+    rows = [
+        ("bits", str(config.bits)),
+        ("scheme", "symmetric" if config.scheme is Scheme.SYM else "asymmetric (zero point)"),
+        ("granularity", config.granularity.value),
+        ("group size", str(config.group_size or "-")),
+        ("linear layers kept in float", kept),
+        ("size before", _gb(source_bytes) if source_bytes else "unknown"),
+        ("size after", _gb(summary.total_bytes)),
+        ("effective bits per weight", f"{summary.bits_per_weight:.3f} (quantized layers)"),
+    ]
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"Weight-only {summary_label(summary)} quantization of {source_link}, made with "
+        f"[quantcli](https://pypi.org/project/quantcli/) {__version__}. The weights are stored "
+        "in the compressed-tensors layout.",
+        "",
+        "## Quantization",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in rows),
+        "",
+    ]
+    if meta.get("quantcli_command"):
+        lines += ["Produced with:", "", "```bash", meta["quantcli_command"], "```", ""]
+    lines += _quality_section(folder)
+    lines += _usage_section(repo_id, summary)
+    body = "\n".join(lines)
+    return f"{body}\n<!-- quantcli model card sha256:{_digest(body)} -->\n"
+
+
+def _usage_section(repo_id: str, summary: CheckpointSummary) -> list[str]:
+    config = summary.config
+    lines = [
+        "## Usage",
+        "",
+        "With quantcli (its own loader and kernels, the fast path on CPU):",
+        "",
+        "```bash",
+        "pip install quantcli",
+        f'quantcli generate {repo_id} "Hello, my name is"',
+        "```",
+        "",
+        "```python",
+        "import quantcli",
+        f'model = quantcli.load("{repo_id}")',
+        "```",
+        "",
+        "With transformers (`pip install compressed-tensors`):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        "```",
+        "",
+    ]
+    if config.packed and config.scheme is Scheme.ASYM:
+        lines += [
+            "Note: transformers 5.23 with compressed-tensors 0.20 cannot load asymmetric "
+            "4-/2-bit checkpoints yet (vllm-project/llm-compressor#1618); quantcli and vLLM can.",
+            "",
+        ]
+    lines += ["With vLLM:", "", "```bash", f"vllm serve {repo_id}", "```", ""]
+    return lines
+
+
+def _quality_section(folder: Path) -> list[str]:
+    """The evaluation recorded in the folder by `quantcli eval`, when there is one."""
+    path = folder / EVAL_NAME
+    if not path.is_file():
+        return []
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(results, dict):
+        return []
+    rows = [f"| {key} | {value} |" for key, value in results.items() if not isinstance(value, dict)]
+    return ["## Quality", "", "| metric | value |", "|---|---|", *rows, ""]
+
+
+def _is_our_card(text: str) -> bool:
+    """A card quantcli wrote and nobody changed since: its seal matches its body."""
+    match = _CARD_SEAL.search(text)
+    return bool(match) and match.group(1) == _digest(text[: match.start()])
+
+
+def _pipeline_tag(architectures: list[str]) -> str | None:
+    for name in architectures:
+        for suffix, tag in _PIPELINES:
+            if name.endswith(suffix):
+                return tag
+    return None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _status(error: Exception) -> str:
+    response = getattr(error, "response", None)
+    code = getattr(response, "status_code", None)
+    return f"HTTP {code}" if code else type(error).__name__

@@ -1,0 +1,234 @@
+"""push and generate end to end against the local Hub double (tests/hub_double.py).
+
+quantcli runs as a subprocess with HF_ENDPOINT pointing at the double, a fresh HF_HOME,
+and xet disabled: the product only ever talks to huggingface_hub.
+"""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hub_double import HubDouble
+
+ALICE, BOB = "tok-alice-5f2c", "tok-bob-91aa"
+
+
+@pytest.fixture
+def hub():
+    with HubDouble({ALICE: "alice", BOB: "bob"}) as double:
+        yield double
+
+
+@pytest.fixture
+def cli(hub, tmp_path):
+    """Run quantcli against the double; each call may ask for a fresh cache."""
+
+    def run(*args, token=None, fresh_cache=False, stdin=None, python=None):
+        fresh = len(list(tmp_path.glob("hf-fresh-*")))
+        home = tmp_path / (f"hf-fresh-{fresh}" if fresh_cache else "hf-home")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(
+            HF_ENDPOINT=hub.url,
+            HF_HUB_DISABLE_XET="1",
+            HF_HOME=str(home),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            NO_PROXY="127.0.0.1,localhost",
+        )
+        if token:
+            env["HF_TOKEN"] = token
+        command = ["-c", python] if python else ["-m", "quantcli", *map(str, args)]
+        result = subprocess.run(
+            [sys.executable, *command],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for secret in (ALICE, BOB):  # a token never appears in anything quantcli prints
+            assert secret not in result.stdout + result.stderr
+        result.home = home
+        return result
+
+    return run
+
+
+@pytest.fixture
+def checkpoint(saved_models, tmp_path):
+    out = tmp_path / "q"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantcli",
+            "quantize",
+            saved_models("llama"),
+            "--out",
+            out,
+            "--bits",
+            "4",
+            "--scheme",
+            "sym",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def one_line_error(result, code, fragment):
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_push_then_generate_from_the_hub_matches_the_local_folder(cli, checkpoint):
+    pushed = cli("push", checkpoint, "alice/tiny-int4", token=ALICE)
+    assert pushed.returncode == 0, pushed.stderr
+    assert "Pushed to" in pushed.stdout and "/alice/tiny-int4" in pushed.stdout
+
+    local = cli("generate", checkpoint, "Hello", "--max-new-tokens", "16", "--json")
+    remote = cli(
+        "generate", "alice/tiny-int4", "Hello", "--max-new-tokens", "16", "--json", fresh_cache=True
+    )
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["text"] == json.loads(local.stdout)["text"]
+
+    snapshot = next((remote.home / "hub" / "models--alice--tiny-int4" / "snapshots").iterdir())
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert filecmp.cmp(snapshot / name, checkpoint / name, shallow=False), name
+
+
+def test_generate_streams_text_and_reports_speed(cli, checkpoint):
+    cli("push", checkpoint, "alice/tiny-int4", token=ALICE)
+    result = cli("generate", "alice/tiny-int4", "-", "--max-new-tokens", "8", stdin="Hi there")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "tokens/s" in result.stderr
+
+
+def test_private_repo_is_invisible_to_others(cli, checkpoint):
+    assert cli("push", checkpoint, "alice/secret", "--private", token=ALICE).returncode == 0
+    as_owner = cli(
+        "generate", "alice/secret", "Hi", "--max-new-tokens", "2", token=ALICE, fresh_cache=True
+    )
+    assert as_owner.returncode == 0, as_owner.stderr
+    for token in (BOB, None):
+        result = cli("generate", "alice/secret", "Hi", token=token, fresh_cache=True)
+        one_line_error(result, 3, "alice/secret is neither a local folder nor a Hub repository")
+
+
+def test_wrong_or_missing_token(cli, checkpoint):
+    wrong = cli("push", checkpoint, "alice/x", "--token", "hf_not_a_real_token")
+    one_line_error(wrong, 3, "the Hub rejected the token")
+    assert "hf_not_a_real_token" not in wrong.stdout + wrong.stderr
+    one_line_error(cli("push", checkpoint, "alice/x"), 3, "no Hub token")
+    one_line_error(cli("push", checkpoint, "alice/x", token=BOB), 3, "refused the push")
+
+
+def test_push_to_a_branch_leaves_main_alone(cli, checkpoint, hub):
+    result = cli("push", checkpoint, "alice/tiny", "--revision", "dev", token=ALICE)
+    assert result.returncode == 0, result.stderr
+    repo = hub.state.repos["alice/tiny"]
+    assert set(repo.refs) == {"main", "dev"}
+    assert set(repo.commits[repo.refs["main"]].files) == {".gitattributes"}
+    assert "model.safetensors" in repo.commits[repo.refs["dev"]].files
+    from_branch = cli(
+        "generate",
+        "alice/tiny",
+        "Hi",
+        "--revision",
+        "dev",
+        "--max-new-tokens",
+        "2",
+        fresh_cache=True,
+    )
+    assert from_branch.returncode == 0, from_branch.stderr
+
+
+def test_pushing_unchanged_files_makes_no_commit(cli, checkpoint, hub):
+    assert cli("push", checkpoint, "alice/tiny", token=ALICE).returncode == 0
+    commits = len(hub.state.repos["alice/tiny"].commits)
+    again = cli("push", checkpoint, "alice/tiny", token=ALICE)
+    assert again.returncode == 0 and "No changes" in again.stdout
+    assert len(hub.state.repos["alice/tiny"].commits) == commits
+
+
+def test_create_pr(cli, checkpoint, hub):
+    result = cli("push", checkpoint, "alice/tiny", "--create-pr", token=ALICE)
+    assert result.returncode == 0 and "/alice/tiny/discussions/1" in result.stdout
+    assert "refs/pr/1" in hub.state.repos["alice/tiny"].refs
+
+
+def test_quantize_from_the_hub_and_a_card_naming_the_base_model(cli, saved_models, hub, tmp_path):
+    source = saved_models("llama")
+    (source / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    upload = (
+        "from huggingface_hub import HfApi; api = HfApi(); api.create_repo('alice/tiny-llama'); "
+        f"api.upload_folder(folder_path={str(source)!r}, repo_id='alice/tiny-llama')"
+    )
+    uploaded = cli(token=ALICE, python=upload)
+    (source / "README.md").unlink()
+    assert uploaded.returncode == 0, uploaded.stderr
+
+    out = tmp_path / "from-hub"
+    quantized = cli("quantize", "alice/tiny-llama", "--out", out, "--json")
+    assert quantized.returncode == 0, quantized.stderr
+    assert cli("push", out, "alice/tiny-llama-int8", token=ALICE).returncode == 0
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "alice/tiny-llama"
+    assert front["base_model_relation"] == "quantized"
+    assert front["license"] == "apache-2.0"
+    assert front["pipeline_tag"] == "text-generation"
+    assert {"quantized", "int8", "compressed-tensors", "quantcli"} <= set(front["tags"])
+    assert "quantcli quantize alice/tiny-llama --out" in card
+    assert "vllm serve alice/tiny-llama-int8" in card
+    assert 'quantcli.load("alice/tiny-llama-int8")' in card
+    commit = hub.state.repos["alice/tiny-llama-int8"].refs["main"]
+    assert "README.md" in hub.state.repos["alice/tiny-llama-int8"].commits[commit].files
+
+
+def test_an_edited_card_is_kept_unless_asked(cli, checkpoint):
+    cli("push", checkpoint, "alice/tiny", token=ALICE)
+    card = checkpoint / "README.md"
+    card.write_text(card.read_text().replace("# tiny", "# tiny, by hand"))
+    kept = cli("push", checkpoint, "alice/tiny", token=ALICE)
+    assert "kept (edited by you" in kept.stderr and "by hand" in card.read_text()
+    replaced = cli("push", checkpoint, "alice/tiny", "--overwrite-card", token=ALICE)
+    assert replaced.returncode == 0 and "by hand" not in card.read_text()
+
+
+def test_eval_results_in_the_folder_reach_the_card(cli, checkpoint):
+    (checkpoint / "quantcli_eval.json").write_text(json.dumps({"perplexity": 12.5}))
+    assert cli("push", checkpoint, "alice/tiny", token=ALICE).returncode == 0
+    assert "| perplexity | 12.5 |" in (checkpoint / "README.md").read_text()
+
+
+def test_a_float_folder_is_not_pushed(cli, saved_models):
+    result = cli("push", saved_models("opt"), "alice/float", token=ALICE)
+    one_line_error(result, 4, "is not a quantcli checkpoint (float)")
+
+
+def test_missing_folder(cli, tmp_path):
+    one_line_error(cli("push", tmp_path / "nope", "alice/x", token=ALICE), 3, "no folder")
+
+
+def test_hub_repo_not_found(cli):
+    result = cli("generate", "alice/does-not-exist", "Hi", token=ALICE)
+    one_line_error(result, 3, "alice/does-not-exist is neither")
+
+
+def test_revision_not_found(cli, checkpoint):
+    cli("push", checkpoint, "alice/tiny", token=ALICE)
+    result = cli("generate", "alice/tiny", "Hi", "--revision", "nope", fresh_cache=True)
+    one_line_error(result, 3, "has no revision 'nope'")
+
+
+def test_empty_prompt(cli, checkpoint):
+    one_line_error(cli("generate", checkpoint, "   "), 2, "the prompt is empty")
