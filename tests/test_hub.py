@@ -7,8 +7,10 @@ and xet disabled: the product only ever talks to huggingface_hub.
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -57,27 +59,18 @@ def cli(hub, tmp_path):
     return run
 
 
-@pytest.fixture
-def checkpoint(saved_models, tmp_path):
-    out = tmp_path / "q"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "quantcli",
-            "quantize",
-            saved_models("llama"),
-            "--out",
-            out,
-            "--bits",
-            "4",
-            "--scheme",
-            "sym",
-        ],
-        check=True,
-        capture_output=True,
-    )
+@pytest.fixture(scope="session")
+def built_checkpoint(saved_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("checkpoint") / "q"
+    command = ["quantize", saved_models("llama"), "--out", out, "--bits", "4", "--scheme", "sym"]
+    subprocess.run([sys.executable, "-m", "quantcli", *map(str, command)], check=True)
     return out
+
+
+@pytest.fixture
+def checkpoint(built_checkpoint, tmp_path):
+    """A fresh copy per test: push writes the model card into the folder."""
+    return Path(shutil.copytree(built_checkpoint, tmp_path / "q"))
 
 
 def one_line_error(result, code, fragment):
