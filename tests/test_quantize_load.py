@@ -48,16 +48,20 @@ def test_loaded_checkpoint_gives_the_in_memory_quantized_logits_bit_for_bit(
 
 
 def test_output_folder_layout_config_and_metadata(saved_models, tmp_path):
-    source = saved_models("llama")
-    (source / "tokenizer.json").write_text("{}")  # side files travel with the checkpoint
+    source = saved_models("llama")  # saved with a tokenizer and a chat template
     summary = quantize_folder(source, tmp_path / "q", QuantConfig(bits=4, group_size=32))
     out = tmp_path / "q"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "config.json",
+    side = {
         "generation_config.json",
-        "model.safetensors",
         "tokenizer.json",
-    ]
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    }
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        {"config.json", "model.safetensors"} | side
+    )
+    for name in side:
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     group = quant["config_groups"]["group_0"]
     assert quant["quant_method"] == "compressed-tensors"
