@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import re
 import shlex
 import sys
 from enum import Enum
@@ -32,6 +31,7 @@ from quantcli.models.loading import load_quantized, sanity_forward
 from quantcli.models.skeleton import load_hf_config
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import QuantizeSummary, quantize_checkpoint
+from quantcli.units import format_bytes, parse_size
 
 app = typer.Typer(
     name="quantcli",
@@ -201,7 +201,7 @@ def quantize(
             source,
             out,
             config,
-            max_shard_size=_parse_size(max_shard_size),
+            max_shard_size=parse_size(max_shard_size),
             overwrite=overwrite,
             trust_remote_code=trust_remote_code,
             command=_command_line(),
@@ -255,9 +255,9 @@ def load(
         f"{report.quantized} quantized (int{report.config.bits}), "
         f"{report.kept_float} kept in float",
     )
-    table.add_row("in memory", _bytes(report.tensor_bytes))
+    table.add_row("in memory", format_bytes(report.tensor_bytes))
     table.add_row("load time", f"{report.seconds:.2f} s")
-    table.add_row("peak memory", f"{_bytes(report.peak_rss_bytes)} (whole process)")
+    table.add_row("peak memory", f"{format_bytes(report.peak_rss_bytes)} (whole process)")
     table.add_row("forward pass", check)
     stdout.print(table)
 
@@ -423,48 +423,11 @@ def _progress(disable: bool) -> Progress:
     )
 
 
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def _parse_size(text: str) -> int:
-    """'500MB', '5GB', '2GiB' or a number of bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in _SIZE_UNITS:
-        raise UsageError(f"cannot read the size '{text}': write it like 500MB or 5GB.")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def _config_label(config: QuantConfig) -> str:
-    if config.granularity is Granularity.GROUP:
-        return f"int{config.bits} {config.scheme.value} g{config.group_size}"
-    return f"int{config.bits} {config.scheme.value} {config.granularity.value}"
-
-
 def _quantize_json(summary: QuantizeSummary, config: QuantConfig, model: str) -> dict:
     return {
         "model": model,
         "output": str(summary.output),
-        "scheme": _config_label(config),
+        "scheme": config.label,
         "layers_quantized": len(summary.quantized),
         "layers_float": summary.skipped,
         "source_bytes": summary.source_bytes,
@@ -480,7 +443,7 @@ def _quantize_json(summary: QuantizeSummary, config: QuantConfig, model: str) ->
 def _print_quantize_summary(summary: QuantizeSummary, config: QuantConfig) -> None:
     table = Table(show_header=False, box=None)
     table.add_row("output", f"{summary.output} ({summary.shards} file(s))")
-    table.add_row("scheme", _config_label(config))
+    table.add_row("scheme", config.label)
     table.add_row(
         "layers", f"{len(summary.quantized)} quantized, {len(summary.skipped)} kept in float"
     )
@@ -489,15 +452,13 @@ def _print_quantize_summary(summary: QuantizeSummary, config: QuantConfig) -> No
     if len(summary.skipped) > 5:
         table.add_row("", f"[dim]... and {len(summary.skipped) - 5} more[/]")
     ratio = summary.source_bytes / summary.output_bytes if summary.output_bytes else 0
-    table.add_row(
-        "size",
-        f"{_bytes(summary.source_bytes)} -> {_bytes(summary.output_bytes)} ({ratio:.2f}x smaller)",
-    )
+    before, after = format_bytes(summary.source_bytes), format_bytes(summary.output_bytes)
+    table.add_row("size", f"{before} -> {after} ({ratio:.2f}x smaller)")
     table.add_row(
         "bits/weight", f"{summary.bits_per_weight:.3f} (quantized layers, scales included)"
     )
     table.add_row("time", f"{summary.seconds:.1f} s")
-    table.add_row("peak memory", f"{_bytes(summary.peak_rss_bytes)} (whole process)")
+    table.add_row("peak memory", f"{format_bytes(summary.peak_rss_bytes)} (whole process)")
     stdout.print(table)
     for warning in summary.warnings:
         stderr.print(f"[yellow]Warning:[/] {warning}")
@@ -506,7 +467,7 @@ def _print_quantize_summary(summary: QuantizeSummary, config: QuantConfig) -> No
 def _inspect_json(summary: CheckpointSummary) -> dict:
     return {
         "kind": summary.kind,
-        "scheme": _config_label(summary.config) if summary.config else None,
+        "scheme": summary.config.label if summary.config else None,
         "total_bytes": summary.total_bytes,
         "files": summary.files,
         "bits_per_weight": round(summary.bits_per_weight, 4),
@@ -546,23 +507,23 @@ def _print_inspect(summary: CheckpointSummary, path: str) -> None:
             str(config.bits) if quantized else "16/32",
             str(config.group_size or "-") if quantized else "-",
             config.scheme.value if quantized else "-",
-            _bytes(layer.nbytes),
+            format_bytes(layer.nbytes),
         )
     longest = max((len(layer.name) for layer in summary.layers), default=0)
     table.columns[0].min_width = longest  # names are never cut
     wide = stdout if stdout.is_terminal else Console(highlight=False, width=longest + 80)
     wide.print(table)
     totals = Table(show_header=False, box=None)
-    totals.add_row("format", summary.kind + (f" ({_config_label(config)})" if config else ""))
-    totals.add_row("size", f"{_bytes(summary.total_bytes)} in {summary.files} file(s)")
+    totals.add_row("format", summary.kind + (f" ({config.label})" if config else ""))
+    totals.add_row("size", f"{format_bytes(summary.total_bytes)} in {summary.files} file(s)")
     source_bytes = summary.metadata.get("source_bytes")
     if source_bytes and source_bytes.isdigit():
         ratio = int(source_bytes) / summary.total_bytes
-        totals.add_row("compression", f"{ratio:.2f}x (source: {_bytes(int(source_bytes))})")
+        totals.add_row("compression", f"{ratio:.2f}x (source: {format_bytes(int(source_bytes))})")
     if config:
         totals.add_row("bits/weight", f"{summary.bits_per_weight:.3f} (quantized layers)")
         totals.add_row("linear layers in float", ", ".join(config.exclude) or "none")
-    totals.add_row("other tensors", _bytes(summary.other_bytes))
+    totals.add_row("other tensors", format_bytes(summary.other_bytes))
     for key in ("quantcli_version", "quantcli_format_version", "source_model", "source_revision"):
         if summary.metadata.get(key):
             totals.add_row(key, summary.metadata[key])

@@ -88,6 +88,13 @@ class QuantConfig:
         return self.scheme is Scheme.SYM
 
     @property
+    def label(self) -> str:
+        """Short name for people: 'int8 sym channel', 'int4 asym g32'."""
+        if self.granularity is Granularity.GROUP:
+            return f"int{self.bits} {self.scheme.value} g{self.group_size}"
+        return f"int{self.bits} {self.scheme.value} {self.granularity.value}"
+
+    @property
     def packed(self) -> bool:
         """Below 8 bits, values are packed several to an int32 word."""
         return self.bits < 8

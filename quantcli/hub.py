@@ -14,10 +14,11 @@ from pathlib import Path
 
 from quantcli import __version__
 from quantcli.checkpoint import EVAL_NAME, CheckpointSummary, summarize
-from quantcli.config import Granularity, Scheme
+from quantcli.config import Scheme
 from quantcli.errors import AuthError, CheckpointError, NotFoundError
 from quantcli.models.skeleton import load_hf_config
 from quantcli.models.source import CARD_NAME
+from quantcli.units import format_bytes
 
 _CARD_SEAL = re.compile(r"\n<!-- quantcli model card sha256:([0-9a-f]{64}) -->\n?\Z")
 _PIPELINES = (  # architecture suffix -> pipeline tag
@@ -77,7 +78,7 @@ def push_checkpoint(
             repo_id=repo_id,
             revision=revision,
             commit_message=commit_message
-            or f"Upload {summary_label(summary)} checkpoint with quantcli",
+            or f"Upload {summary.config.label} checkpoint with quantcli",
             create_pr=create_pr,
             ignore_patterns=[".*", "**/.*"],
         )
@@ -108,12 +109,6 @@ def checkpoint_summary(folder: Path) -> CheckpointSummary:
             "run `quantcli quantize` on the original model first."
         )
     return summary
-
-
-def summary_label(summary: CheckpointSummary) -> str:
-    config = summary.config
-    group = f" g{config.group_size}" if config.granularity is Granularity.GROUP else ""
-    return f"int{config.bits}{group}"
 
 
 def write_card(folder: Path, summary: CheckpointSummary, repo_id: str, overwrite: bool) -> str:
@@ -150,8 +145,8 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
         ("granularity", config.granularity.value),
         ("group size", str(config.group_size or "-")),
         ("linear layers kept in float", kept),
-        ("size before", _gb(source_bytes) if source_bytes else "unknown"),
-        ("size after", _gb(summary.total_bytes)),
+        ("size before", format_bytes(source_bytes) if source_bytes else "unknown"),
+        ("size after", format_bytes(summary.total_bytes)),
         ("effective bits per weight", f"{summary.bits_per_weight:.3f} (quantized layers)"),
     ]
     lines = [
@@ -161,7 +156,7 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
         "",
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"Weight-only {summary_label(summary)} quantization of {source_link}, made with "
+        f"Weight-only {summary.config.label} quantization of {source_link}, made with "
         f"[quantcli](https://pypi.org/project/quantcli/) {__version__}. The weights are stored "
         "in the compressed-tensors layout.",
         "",
@@ -246,10 +241,6 @@ def _pipeline_tag(architectures: list[str]) -> str | None:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _status(error: Exception) -> str:

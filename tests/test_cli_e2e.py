@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_checks import assert_one_line_error
 
 
 def quantcli(*args, cwd=None):
@@ -15,13 +16,6 @@ def quantcli(*args, cwd=None):
         timeout=300,
         cwd=cwd,
     )
-
-
-def assert_one_line_error(result, code, fragment):
-    assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_quantize_inspect_load(saved_models, tmp_path):

@@ -36,3 +36,9 @@ def test_bad_settings_are_refused_with_a_reason(kwargs, message):
 def test_unknown_scheme_is_refused():
     with pytest.raises(ValueError):
         QuantConfig(scheme="weird")
+
+
+def test_label_names_bits_scheme_and_granularity():
+    assert QuantConfig().label == "int8 sym channel"
+    assert QuantConfig(bits=4).label == "int4 asym g32"
+    assert QuantConfig(bits=2, scheme="sym", granularity="tensor").label == "int2 sym tensor"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_checks import assert_one_line_error
 from hub_double import HubDouble
 
 ALICE, BOB = "tok-alice-5f2c", "tok-bob-91aa"
@@ -73,13 +74,6 @@ def checkpoint(built_checkpoint, tmp_path):
     return Path(shutil.copytree(built_checkpoint, tmp_path / "q"))
 
 
-def one_line_error(result, code, fragment):
-    assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_push_then_generate_from_the_hub_matches_the_local_folder(cli, checkpoint):
     pushed = cli("push", checkpoint, "alice/tiny-int4", token=ALICE)
     assert pushed.returncode == 0, pushed.stderr
@@ -112,15 +106,17 @@ def test_private_repo_is_invisible_to_others(cli, checkpoint):
     assert as_owner.returncode == 0, as_owner.stderr
     for token in (BOB, None):
         result = cli("generate", "alice/secret", "Hi", token=token, fresh_cache=True)
-        one_line_error(result, 3, "alice/secret is neither a local folder nor a Hub repository")
+        assert_one_line_error(
+            result, 3, "alice/secret is neither a local folder nor a Hub repository"
+        )
 
 
 def test_wrong_or_missing_token(cli, checkpoint):
     wrong = cli("push", checkpoint, "alice/x", "--token", "hf_not_a_real_token")
-    one_line_error(wrong, 3, "the Hub rejected the token")
+    assert_one_line_error(wrong, 3, "the Hub rejected the token")
     assert "hf_not_a_real_token" not in wrong.stdout + wrong.stderr
-    one_line_error(cli("push", checkpoint, "alice/x"), 3, "no Hub token")
-    one_line_error(cli("push", checkpoint, "alice/x", token=BOB), 3, "refused the push")
+    assert_one_line_error(cli("push", checkpoint, "alice/x"), 3, "no Hub token")
+    assert_one_line_error(cli("push", checkpoint, "alice/x", token=BOB), 3, "refused the push")
 
 
 def test_push_to_a_branch_leaves_main_alone(cli, checkpoint, hub):
@@ -205,23 +201,23 @@ def test_eval_results_in_the_folder_reach_the_card(cli, checkpoint):
 
 def test_a_float_folder_is_not_pushed(cli, saved_models):
     result = cli("push", saved_models("opt"), "alice/float", token=ALICE)
-    one_line_error(result, 4, "is not a quantcli checkpoint (float)")
+    assert_one_line_error(result, 4, "is not a quantcli checkpoint (float)")
 
 
 def test_missing_folder(cli, tmp_path):
-    one_line_error(cli("push", tmp_path / "nope", "alice/x", token=ALICE), 3, "no folder")
+    assert_one_line_error(cli("push", tmp_path / "nope", "alice/x", token=ALICE), 3, "no folder")
 
 
 def test_hub_repo_not_found(cli):
     result = cli("generate", "alice/does-not-exist", "Hi", token=ALICE)
-    one_line_error(result, 3, "alice/does-not-exist is neither")
+    assert_one_line_error(result, 3, "alice/does-not-exist is neither")
 
 
 def test_revision_not_found(cli, checkpoint):
     cli("push", checkpoint, "alice/tiny", token=ALICE)
     result = cli("generate", "alice/tiny", "Hi", "--revision", "nope", fresh_cache=True)
-    one_line_error(result, 3, "has no revision 'nope'")
+    assert_one_line_error(result, 3, "has no revision 'nope'")
 
 
 def test_empty_prompt(cli, checkpoint):
-    one_line_error(cli("generate", checkpoint, "   "), 2, "the prompt is empty")
+    assert_one_line_error(cli("generate", checkpoint, "   "), 2, "the prompt is empty")
