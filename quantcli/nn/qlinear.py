@@ -10,8 +10,8 @@ Its state_dict uses compressed-tensors' names, so a checkpoint is the layers' st
 - asymmetric: ``weight_zero_point``, int8 with the scale's shape, or for packed
   channel/group layouts packed into int32 along the output dimension.
 
-Everything is a buffer (inference only, no gradients). All computation goes through
-`forward`, the one place where faster kernels plug in.
+Everything is a buffer (inference only, no gradients). `forward` picks a kernel per call
+(`quantcli.nn.kernels`): fused int8 at decode, fp32 matmul at prefill, dequantize otherwise.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantcli.config import Granularity, QuantConfig
+from quantcli.nn.kernels import KERNELS, select_kernel
 from quantcli.tensor.packing import pack_int32, packed_length, unpack_int32
 from quantcli.tensor.quantize import QuantizedTensor, dequantize, groups_per_row, quantize
 
@@ -111,8 +111,7 @@ class QuantLinear(nn.Module):
         return dequantize(qdata, self.weight_scale, zero, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        return KERNELS[select_kernel(self, x)](self, x)
 
     def __getattr__(self, name: str):
         """Packed layers answer ``.weight`` with a meta tensor: model code (T5, for one) reads
