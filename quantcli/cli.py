@@ -22,13 +22,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from quantcli import __version__
-from quantcli.checkpoint import CheckpointSummary, summarize
+from quantcli.checkpoint import CheckpointSummary
 from quantcli.config import Granularity, QuantConfig, Scheme
 from quantcli.errors import QuantcliError, UsageError
 from quantcli.hub import push_checkpoint
 from quantcli.models.generation import generate_text, load_tokenizer
-from quantcli.models.loading import load_quantized, sanity_forward
-from quantcli.models.skeleton import load_hf_config
+from quantcli.models.loading import load_quantized, sanity_forward, summarize_folder
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import QuantizeSummary, quantize_checkpoint
 from quantcli.units import format_bytes, parse_size
@@ -274,8 +273,7 @@ def inspect(
 ) -> None:
     """Show what a checkpoint holds, layer by layer, from its headers only."""
     source = resolve_model(path, revision, token)
-    raw = load_hf_config(source.folder).to_dict().get("quantization_config")
-    summary = summarize(source.folder, raw)
+    summary = summarize_folder(source.folder)
     if json_output:
         print(json.dumps(_inspect_json(summary)))
     else:

@@ -8,6 +8,12 @@ catch them like any other exception.
 from __future__ import annotations
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class QuantcliError(Exception):
     """Base class: a failure the user can act on."""
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantcli import __version__
-from quantcli.checkpoint import EVAL_NAME, CheckpointSummary, summarize
+from quantcli.checkpoint import EVAL_NAME, CheckpointSummary
 from quantcli.config import Scheme
 from quantcli.errors import AuthError, CheckpointError, NotFoundError
-from quantcli.models.skeleton import load_hf_config
+from quantcli.models.loading import summarize_folder
 from quantcli.models.source import CARD_NAME
 from quantcli.units import format_bytes
 
@@ -101,8 +101,7 @@ def checkpoint_summary(folder: Path) -> CheckpointSummary:
     """The summary of a folder that must be a quantcli checkpoint, or a clear refusal."""
     if not folder.is_dir():
         raise NotFoundError(f"no folder {folder}: check the path.")
-    raw = load_hf_config(folder).to_dict().get("quantization_config")
-    summary = summarize(folder, raw)
+    summary = summarize_folder(folder)
     if summary.kind != "quantcli":
         raise CheckpointError(
             f"{folder} is not a quantcli checkpoint ({summary.kind}): "

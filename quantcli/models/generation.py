@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantcli.errors import CheckpointError, UsageError
+from quantcli.errors import CheckpointError, UsageError, first_line
 
 
 @dataclass
@@ -30,8 +30,7 @@ def load_tokenizer(folder):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{folder} has no usable tokenizer ({first}).") from None
+        raise CheckpointError(f"{folder} has no usable tokenizer ({first_line(error)}).") from None
 
 
 def generate_text(

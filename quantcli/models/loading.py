@@ -12,15 +12,18 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from quantcli.checkpoint import (
+    CheckpointSummary,
     check_format_version,
     parse_quantization_config,
     read_all_headers,
     read_tensor,
+    summarize,
     weight_files,
 )
 from quantcli.config import QuantConfig
@@ -95,6 +98,12 @@ def load_quantized(
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
+
+
+def summarize_folder(folder: Path) -> CheckpointSummary:
+    """What a model folder holds, from config.json and the safetensors headers only."""
+    raw = load_hf_config(folder).to_dict().get("quantization_config")
+    return summarize(folder, raw)
 
 
 def _tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:

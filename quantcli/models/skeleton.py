@@ -16,7 +16,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from quantcli.errors import CheckpointError
+from quantcli.errors import CheckpointError, first_line
 
 
 def load_hf_config(folder: Path, trust_remote_code: bool = False) -> PretrainedConfig:
@@ -28,7 +28,7 @@ def load_hf_config(folder: Path, trust_remote_code: bool = False) -> PretrainedC
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as error:
-        message = str(error).strip().splitlines()[0]
+        message = first_line(error)
         if "trust_remote_code" in message:
             message = (
                 "this model needs its own code from the Hub: pass --trust-remote-code to allow it"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from quantcli.errors import NotFoundError
+from quantcli.errors import NotFoundError, first_line
 
 #: Files besides the weights that travel with a model: configs, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
@@ -124,10 +124,6 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSou
             "check your connection (or HF_HUB_OFFLINE)."
         ) from None
     except HfHubHTTPError as error:
-        raise NotFoundError(f"the Hub refused to send {repo_id}: {_first_line(error)}") from None
+        raise NotFoundError(f"the Hub refused to send {repo_id}: {first_line(error)}") from None
     folder = Path(folder)
     return ModelSource(folder, repo_id, folder.name)
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -56,7 +56,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight", empty((out_features, in_features), dtype=torch.int8))
         self.register_buffer("weight_scale", empty(scale_shape, dtype=dtype))
         if not config.symmetric:
-            if self._packs_zero_point():
+            if packs_zero_point(self.config):
                 zero_shape = (packed_length(out_features, config.bits), scale_shape[1])
                 self.register_buffer("weight_zero_point", empty(zero_shape, dtype=torch.int32))
             else:
@@ -106,7 +106,7 @@ class QuantLinear(nn.Module):
         else:
             qdata = self.weight
         zero = getattr(self, "weight_zero_point", None)
-        if zero is not None and self._packs_zero_point():
+        if zero is not None and packs_zero_point(self.config):
             zero = unpack_int32(zero, bits, self.out_features, dim=0)
         return dequantize(qdata, self.weight_scale, zero, dtype)
 
@@ -137,9 +137,6 @@ class QuantLinear(nn.Module):
         if c.granularity is Granularity.CHANNEL:
             return (self.out_features, 1)
         return (self.out_features, groups_per_row(self.in_features, c.group_size))
-
-    def _packs_zero_point(self) -> bool:
-        return packs_zero_point(self.config)
 
 
 def packs_zero_point(config: QuantConfig) -> bool:
