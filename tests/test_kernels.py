@@ -6,6 +6,9 @@ import torch
 
 from quantcli import QuantConfig, QuantLinear
 from quantcli.nn.kernels import KERNELS, PREFILL_MIN_M, select_kernel
+from quantcli.nn.qlinear import packs_zero_point
+from quantcli.tensor.packing import unpack_int32
+from quantcli.tensor.quantize import dequantize
 
 
 def layer(config, in_features=96, out_features=48, bias=True):
@@ -21,14 +24,30 @@ def reference(layer, x):
 
 
 def assert_agrees(out, layer, x):
-    """Within bf16/fp16 rounding of the inputs, products and output (a few ulps of the sum)."""
+    """Within bf16/fp16 rounding of the inputs, products and output (a few ulps of the sum).
+
+    Each weight is ``s*q - s*z``; a kernel may round both terms (int4pack stores ``-s*z``
+    in bf16), so the bound counts ``|s*q| + |s*z|`` per weight.
+    """
     exact = reference(layer, x)
-    magnitude = x.float().abs() @ layer.dequantize_weight(torch.float32).abs().T
+    magnitude = x.float().abs() @ weight_terms(layer).T
     if layer.bias is not None:
         magnitude = magnitude + layer.bias.float().abs()
     eps = torch.finfo(x.dtype).eps
     assert out.dtype == x.dtype and out.shape == exact.shape
     assert ((out.float() - exact).abs() <= 4 * eps * magnitude + 1e-6).all()
+
+
+def weight_terms(layer):
+    """``|s*q| + |s*z|`` per weight: the size of what a kernel adds up for one weight."""
+    weight = layer.dequantize_weight(torch.float32)
+    zero = getattr(layer, "weight_zero_point", None)
+    if zero is None:
+        return weight.abs()
+    if packs_zero_point(layer.config):
+        zero = unpack_int32(zero, layer.config.bits, layer.out_features, dim=0)
+    offset = dequantize(torch.zeros_like(weight, dtype=torch.int8), layer.weight_scale, zero)
+    return (weight - offset.float()).abs() + offset.float().abs()  # offset = -s*z
 
 
 @pytest.mark.parametrize(
@@ -42,7 +61,12 @@ def assert_agrees(out, layer, x):
         (QuantConfig(bits=8), torch.float16, 3, "dequant"),
         (QuantConfig(bits=8), torch.float16, 64, "fp32-dequant"),
         (QuantConfig(bits=8), torch.float32, 64, "dequant"),
-        (QuantConfig(bits=4), torch.bfloat16, 1, "dequant"),
+        (QuantConfig(bits=4), torch.bfloat16, 1, "int4pack"),
+        (QuantConfig(bits=4), torch.bfloat16, PREFILL_MIN_M - 1, "int4pack"),
+        (QuantConfig(bits=4, scheme="sym", group_size=32), torch.bfloat16, 3, "int4pack"),
+        (QuantConfig(bits=4, group_size=16), torch.bfloat16, 3, "dequant"),
+        (QuantConfig(bits=4, granularity="channel"), torch.bfloat16, 3, "dequant"),
+        (QuantConfig(bits=4), torch.float16, 3, "dequant"),
         (QuantConfig(bits=4), torch.bfloat16, 128, "fp32-dequant"),
         (QuantConfig(bits=2, group_size=16), torch.bfloat16, 5, "dequant"),
     ],
@@ -54,10 +78,19 @@ def test_dispatch_and_agreement(config, dtype, rows, expected):
     assert_agrees(q(x), q, x)
 
 
+#: A layer each kernel accepts.
+KERNEL_CONFIGS = {
+    "dequant": QuantConfig(bits=2, group_size=16),
+    "fp32-dequant": QuantConfig(bits=8, scheme="asym"),
+    "int8pack": QuantConfig(bits=8),
+    "int4pack": QuantConfig(bits=4, group_size=32),
+}
+
+
 @pytest.mark.parametrize("name", list(KERNELS))
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 5)], ids=str)
 def test_every_kernel_agrees_on_3d_inputs(name, shape):
-    q = layer(QuantConfig(bits=8))
+    q = layer(KERNEL_CONFIGS[name])
     x = torch.randn(*shape, q.in_features).bfloat16()
     assert_agrees(KERNELS[name](q, x), q, x)
 
@@ -76,3 +109,45 @@ def test_layer_without_bias_and_bf16_scales():
     x = torch.randn(2, q.in_features).bfloat16()
     assert select_kernel(q, x) == "int8pack"
     assert_agrees(q(x), q, x)
+
+
+def test_int4pack_is_never_chosen_for_shapes_it_refuses():
+    """The CPU int4 kernel wants the output size divisible by 16 (it raises otherwise)."""
+    q = layer(QuantConfig(bits=4), out_features=40)
+    x = torch.randn(2, q.in_features).bfloat16()
+    assert select_kernel(q, x) == "dequant"
+    assert_agrees(q(x), q, x)
+
+
+def test_int4pack_layout_is_cached_and_renewed_when_the_weight_changes():
+    q = layer(QuantConfig(bits=4))
+    x = torch.randn(1, q.in_features).bfloat16()
+    first = q(x)
+    assert q(x).equal(first)  # second call: the cached layout
+    torch.manual_seed(1)
+    other = QuantLinear.from_weight(torch.randn(48, 96), None, QuantConfig(bits=4))
+    q.load_state_dict(other.state_dict() | {"bias": q.bias}, assign=True)
+    assert_agrees(q(x), q, x)
+    assert not q(x).equal(first)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("config", "rows", "expected"),
+    [
+        (QuantConfig(bits=8), 1, "int8pack"),
+        (QuantConfig(bits=8), 8, "int8pack"),
+        (QuantConfig(bits=8), 64, "dequant"),
+        (QuantConfig(bits=4, group_size=32), 1, "int4pack"),
+        (QuantConfig(bits=4, group_size=128, scheme="sym"), 8, "int4pack"),
+        (QuantConfig(bits=4, group_size=64), 64, "dequant"),
+        (QuantConfig(bits=2, group_size=16), 1, "dequant"),
+    ],
+)
+def test_cuda_dispatch_and_agreement(config, rows, expected):
+    q = layer(config, in_features=256, out_features=64).cuda()
+    x = torch.randn(rows, q.in_features, device="cuda").bfloat16()
+    assert select_kernel(q, x) == expected
+    out = q(x)
+    assert out.device.type == "cuda"
+    assert_agrees(out.cpu(), q.cpu(), x.cpu())

@@ -4,49 +4,95 @@ Measured on a 2-core AVX2 CPU without bf16 hardware (see docs/benchmarks.md):
 
 - ``int8pack``: PyTorch's fused W8A16 kernel (`torch._weight_int8pack_mm`) reads the int8
   weight directly; with bf16 activations it is about 13x faster than dequantizing at
-  decode sizes. It needs per-channel (or per-tensor) symmetric int8, and it crashes the
-  process for M >= 2 when K % 8 != 0, so that case never reaches it.
-- ``fp32-dequant``: from M ~ 32 tokens (prefill) an fp32 matmul on the dequantized weight
-  beats every int8 kernel here (bf16 matmuls are slow on CPUs without bf16 units).
-- ``dequant``: the reference for everything else (2/4-bit, fp32 activations, GPUs for
-  now): dequantize to the activation dtype and `F.linear`.
+  decode sizes. It needs per-channel (or per-tensor) symmetric int8, and on CPU it crashes
+  the process for M >= 2 when K % 8 != 0, so that case never reaches it.
+- ``int4pack``: PyTorch's fused W4A16 kernels (tinygemm on CUDA, its CPU port otherwise)
+  read 4-bit groups of 32..256 with bf16 activations. They want their own weight layout,
+  made once per layer and device on first use and cached (`int4pack_weight`).
+- ``fp32-dequant``: on CPU, from M ~ 32 tokens (prefill) an fp32 matmul on the dequantized
+  weight beats every int8/int4 kernel here (bf16 matmuls are slow on CPUs without bf16
+  units).
+- ``dequant``: the reference for everything else (2-bit, fp32 activations, odd shapes):
+  dequantize to the activation dtype and `F.linear`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from quantcli.config import Granularity
+from quantcli.tensor.packing import unpack_int32
 
-#: Below this many rows of activations (tokens), decode kernels win; from it, fp32 matmul.
+#: On CPU, from this many rows of activations (tokens) an fp32 matmul beats the fused kernels.
 PREFILL_MIN_M = 32
+#: Group sizes the int4 kernels accept.
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+#: tinygemm's inner K tiles on CUDA: K must be a multiple of 16 times this.
+CUDA_INNER_K_TILES = 8
 
 
 def select_kernel(layer, x: torch.Tensor) -> str:
     """The name of the kernel to use for `layer` on input `x`."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+    device = x.device.type
+    if device not in ("cpu", "cuda") or x.dtype not in (torch.bfloat16, torch.float16):
         return "dequant"
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows >= PREFILL_MIN_M:
+    if device == "cpu" and rows >= PREFILL_MIN_M:
         return "fp32-dequant"
+    if x.dtype != torch.bfloat16:
+        return "dequant"
+    if device == "cuda" and rows >= PREFILL_MIN_M:
+        return "dequant"  # tensor cores on the bf16 weight beat the decode kernels
+    if _int8pack_fits(layer, device):
+        return "int8pack"
+    if _int4pack_fits(layer, device):
+        return "int4pack"
+    return "dequant"
+
+
+def _int8pack_fits(layer, device: str) -> bool:
     config = layer.config
-    if (
-        x.dtype == torch.bfloat16
-        and config.bits == 8
+    return (
+        config.bits == 8
         and config.symmetric
         and config.granularity is not Granularity.GROUP
         and layer.in_features % 8 == 0  # else _weight_int8pack_mm crashes for M >= 2
         and hasattr(torch, "_weight_int8pack_mm")
+    )
+
+
+def _int4pack_fits(layer, device: str) -> bool:
+    config = layer.config
+    if not (
+        config.bits == 4
+        and config.granularity is Granularity.GROUP
+        and config.group_size in INT4PACK_GROUP_SIZES
     ):
-        return "int8pack"
-    return "dequant"
+        return False
+    if device == "cpu":
+        return layer.out_features % 16 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+    return (
+        layer.out_features % 8 == 0
+        and layer.in_features % (16 * CUDA_INNER_K_TILES) == 0
+        and hasattr(torch, "_weight_int4pack_mm")
+    )
 
 
 def _bias(layer, dtype: torch.dtype) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.to(dtype)
+
+
+def _rows(layer, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, layer.in_features).contiguous()
+
+
+def _finish(layer, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out = out.reshape(*x.shape[:-1], layer.out_features)
+    return out if layer.bias is None else out + layer.bias.to(out.dtype)
 
 
 def dequant(layer, x: torch.Tensor) -> torch.Tensor:
@@ -54,20 +100,72 @@ def dequant(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def fp32_dequant(layer, x: torch.Tensor) -> torch.Tensor:
-    weight = layer.dequantize_weight(torch.float32)
+    weight = layer.dequantize_weight(torch.float32, _workspace(layer, x.device))
     return F.linear(x.float(), weight, _bias(layer, torch.float32)).to(x.dtype)
 
 
+_workspaces = threading.local()
+
+
+def _workspace(layer, device: torch.device) -> torch.Tensor:
+    """A reused float32 ``(out, in)`` buffer for the dequantized weight, per thread.
+
+    A fresh buffer of a large layer costs more in page faults than the dequantization
+    itself (17 of 27 ms for 4096x4096 here); keeping the largest one costs its size once.
+    """
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    size = layer.out_features * layer.in_features
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < size:
+        buffers[device] = buffer = torch.empty(size, dtype=torch.float32, device=device)
+    return buffer[:size].view(layer.out_features, layer.in_features)
+
+
 def int8pack(layer, x: torch.Tensor) -> torch.Tensor:
-    scales = layer.weight_scale.to(torch.bfloat16).reshape(-1).expand(layer.out_features)
-    rows = x.reshape(-1, layer.in_features).contiguous()
-    out = torch._weight_int8pack_mm(rows, layer.weight, scales.contiguous())
-    out = out.reshape(*x.shape[:-1], layer.out_features)
-    return out if layer.bias is None else out + layer.bias.to(out.dtype)
+    scales = layer.weight_scale.to(x.dtype).reshape(-1).expand(layer.out_features)
+    out = torch._weight_int8pack_mm(_rows(layer, x), layer.weight, scales.contiguous())
+    return _finish(layer, out, x)
+
+
+def int4pack(layer, x: torch.Tensor) -> torch.Tensor:
+    packed, scales_and_zeros = int4pack_weight(layer)
+    group_size = layer.config.group_size
+    on_cpu = x.device.type == "cpu"
+    matmul = torch._weight_int4pack_mm_for_cpu if on_cpu else torch._weight_int4pack_mm
+    return _finish(layer, matmul(_rows(layer, x), packed, group_size, scales_and_zeros), x)
+
+
+def int4pack_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight in the int4 kernel's layout, made on first use and cached.
+
+    The kernels compute ``w = (u - 8) * scale + zero`` with unsigned nibbles ``u``; ours is
+    ``w = s * (q - z)`` with signed ``q``, so ``u = q + 8``, ``scale = s``, ``zero = -s * z``.
+    The cache is tied to the `weight_packed` tensor, so loading or moving the layer renews it.
+    """
+    cached = layer.__dict__.get("_int4pack")
+    if cached is not None and cached[0] is layer.weight_packed:
+        return cached[1], cached[2]
+    unsigned = unpack_int32(layer.weight_packed, 4, layer.in_features).to(torch.int32) + 8
+    if layer.weight_packed.device.type == "cpu":
+        packed = torch._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 2)
+    else:
+        nibbles = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
+        packed = torch._convert_weight_to_int4pack(nibbles.contiguous(), CUDA_INNER_K_TILES)
+    scale = layer.weight_scale.float()
+    zero_point = getattr(layer, "weight_zero_point", None)
+    if zero_point is None:
+        zero = torch.zeros_like(scale)
+    else:
+        zero = -scale * unpack_int32(zero_point, 4, layer.out_features, dim=0).float()
+    scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    scales_and_zeros = scales_and_zeros.to(torch.bfloat16)  # (groups, out, 2)
+    layer.__dict__["_int4pack"] = (layer.weight_packed, packed, scales_and_zeros)
+    return packed, scales_and_zeros
 
 
 KERNELS: dict[str, Callable] = {
     "dequant": dequant,
     "fp32-dequant": fp32_dequant,
     "int8pack": int8pack,
+    "int4pack": int4pack,
 }

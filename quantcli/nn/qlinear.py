@@ -98,8 +98,10 @@ class QuantLinear(nn.Module):
         if bias is not None:
             self.bias = bias.to(qweight.scale.dtype)
 
-    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight ``(out, in)`` these integers stand for."""
+    def dequantize_weight(
+        self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The float weight ``(out, in)`` these integers stand for (written into `out`)."""
         bits = self.config.bits
         if self.config.packed:
             qdata = unpack_int32(self.weight_packed, bits, self.in_features)
@@ -108,7 +110,7 @@ class QuantLinear(nn.Module):
         zero = getattr(self, "weight_zero_point", None)
         if zero is not None and packs_zero_point(self.config):
             zero = unpack_int32(zero, bits, self.out_features, dim=0)
-        return dequantize(qdata, self.weight_scale, zero, dtype)
+        return dequantize(qdata, self.weight_scale, zero, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return KERNELS[select_kernel(self, x)](self, x)

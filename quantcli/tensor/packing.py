@@ -40,9 +40,10 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of `pack`: int8 values, the last dimension cut back to `length`."""
     _values_per_byte(bits)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.flatten(-2)[..., :length].to(torch.int8) - 2 ** (bits - 1)
+    mask = 2**bits - 1
+    codes = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1)
+    values = codes.flatten(-2).view(torch.int8).sub_(2 ** (bits - 1))  # codes < 128
+    return values if values.shape[-1] == length else values[..., :length]
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:

@@ -55,18 +55,24 @@ def dequantize(
     scale: torch.Tensor,
     zero_point: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scale * (qdata - zero_point)`` in `dtype` (default: the scale's dtype).
 
     The granularity is read from the scale's shape, so callers only pass tensors. The
-    order of operations is compressed-tensors' own, so both give the same numbers.
+    order of operations is compressed-tensors' own, so both give the same numbers. The
+    work is done in place in one float buffer (`out` when given, reused by the kernels):
+    fresh large buffers cost page faults that outweigh the arithmetic.
     """
     dtype = dtype or scale.dtype
+    if out is None:
+        out = torch.empty(qdata.shape, dtype=dtype, device=qdata.device)
     n_groups = scale.shape[-1] if scale.ndim == 2 else 1
-    values = qdata.to(dtype).unflatten(-1, (n_groups, -1))
+    values = out.copy_(qdata).unflatten(-1, (n_groups, -1))
     if zero_point is not None:
-        values = values - _per_group(zero_point, dtype)
-    return (values * _per_group(scale, dtype)).flatten(-2)
+        values.sub_(_per_group(zero_point, dtype))
+    values.mul_(_per_group(scale, dtype))
+    return out
 
 
 def _per_group(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

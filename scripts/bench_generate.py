@@ -1,0 +1,160 @@
+"""End-to-end generation speed: quantcli against bf16, fp32 and the peers (prints a table).
+
+For each variant of one model, in the same process and on the same prompts:
+- decode: greedy tokens/s over 64 new tokens after a 16-token prompt, prefill excluded
+  (time of 64 new tokens minus time of 1);
+- prefill: time to the first token of a 512-token prompt.
+Variants: fp32 and bf16 (transformers), quantcli int8 and int4 g32 (quantized with
+quantcli, loaded with `quantcli.load` at bf16), and, when installed (`make bench` puts
+them in `.cache/peers`), optimum-quanto qint8/qint4 (`quantize` + `freeze`, bf16) and
+torchao `Int8WeightOnlyConfig`. Every quantized variant keeps the output head in float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from bench_memory import synthetic_llama
+from rich.console import Console
+from rich.table import Table
+from smollm2 import smollm2_folder
+from transformers import AutoModelForCausalLM
+
+import quantcli
+from quantcli.config import QuantConfig
+from quantcli.models.source import resolve_model
+from quantcli.models.streaming import quantize_checkpoint
+
+QUANTCLI = {"quantcli int8": QuantConfig(bits=8), "quantcli int4 g32": QuantConfig(bits=4)}
+
+
+def float_model(folder: Path, dtype: torch.dtype, device: str):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+
+def quantcli_model(folder: Path, config: QuantConfig, cache: Path, device: str):
+    out = cache / "bench" / f"{folder.name}-{config.label.replace(' ', '-')}"
+    if not (out / "config.json").exists():
+        quantize_checkpoint(resolve_model(str(folder)), out, config, overwrite=True)
+    return quantcli.load(str(out), device=device, dtype=torch.bfloat16)
+
+
+def quanto_model(folder: Path, bits: int, device: str):
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    model = float_model(folder, torch.bfloat16, device)
+    quantize(model, weights=qint8 if bits == 8 else qint4, exclude=["lm_head"])
+    freeze(model)
+    return model
+
+
+def torchao_model(folder: Path, device: str):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = float_model(folder, torch.bfloat16, device)
+    head = model.get_output_embeddings()
+
+    def body_linear(module, _name):
+        return isinstance(module, torch.nn.Linear) and module is not head
+
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=body_linear)
+    return model
+
+
+def variants(folder: Path, cache: Path, device: str) -> dict:
+    """Builders of every variant available here, by name."""
+    found = {
+        "fp32": lambda: float_model(folder, torch.float32, device),
+        "bf16": lambda: float_model(folder, torch.bfloat16, device),
+    }
+    for name, config in QUANTCLI.items():
+        found[name] = lambda config=config: quantcli_model(folder, config, cache, device)
+    if importlib.util.find_spec("optimum.quanto"):
+        found["quanto qint8"] = lambda: quanto_model(folder, 8, device)
+        found["quanto qint4"] = lambda: quanto_model(folder, 4, device)
+    if importlib.util.find_spec("torchao"):
+        found["torchao int8 wo"] = lambda: torchao_model(folder, device)
+    return found
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(model, vocab: int, device: str, new_tokens: int, prompt_tokens: int):
+    """(decode tokens/s, prefill seconds) of one model, best of a few runs."""
+    generator = torch.Generator().manual_seed(0)
+    short = torch.randint(100, vocab, (1, 16), generator=generator).to(device)
+    long = torch.randint(100, vocab, (1, prompt_tokens), generator=generator).to(device)
+    timed_generate(model, short, 4)  # warm-up: first calls allocate and pick kernels
+    first = min(timed_generate(model, short, 1) for _ in range(3))
+    full = min(timed_generate(model, short, new_tokens) for _ in range(2))
+    prefill = min(timed_generate(model, long, 1) for _ in range(2))
+    return (new_tokens - 1) / max(full - first, 1e-9), prefill
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model", default="smollm2", help="smollm2, or llama-LAYERS (random 2048-wide Llama)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--only", nargs="+", help="variant names to run (default: all)")
+    args = parser.parse_args()
+    if args.model == "smollm2":
+        folder = smollm2_folder(args.cache)
+    else:
+        layers = int(args.model.removeprefix("llama-"))
+        folder = synthetic_llama(args.cache / "bench" / f"llama-2048x{layers}", layers)
+    console = Console(width=160)
+    console.print(
+        f"{folder.name} on {args.device}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}: decode {args.new_tokens} tokens, prefill {args.prompt_tokens}"
+    )
+    results = {}
+    for name, build in variants(folder, args.cache, args.device).items():
+        if args.only and name not in args.only:
+            continue
+        model = build()
+        vocab = model.config.vocab_size
+        results[name] = measure(model, vocab, args.device, args.new_tokens, args.prompt_tokens)
+        console.print(f"{name}: {results[name][0]:.2f} tok/s, prefill {results[name][1]:.2f} s")
+        del model
+        gc.collect()
+    table = Table("variant", "decode tok/s", "× bf16", "prefill s", "× fp32 time")
+    base_decode = results.get("bf16", (float("nan"),))[0]
+    base_prefill = results.get("fp32", (0, float("nan")))[1]
+    for name, (decode, prefill) in results.items():
+        table.add_row(
+            name,
+            f"{decode:.2f}",
+            f"{decode / base_decode:.2f}",
+            f"{prefill:.2f}",
+            f"{prefill / base_prefill:.2f}",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
