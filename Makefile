@@ -32,9 +32,19 @@ $(VENV)/.smollm2: $(STAMP)
 demo: $(VENV)/.smollm2
 	$(PY) scripts/demo.py --cache $(CACHE)
 
-bench: $(VENV)/.smollm2
+# The peers we race (optimum-quanto, torchao) live apart from the venv: transformers imports
+# torchao whenever it is installed, which would change what the tests and the CLI run.
+PEERS := $(CACHE)/peers
+$(PEERS)/.installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(PEERS) optimum-quanto==0.2.7 torchao==0.18.0 ninja
+	touch $@
+
+bench: $(VENV)/.smollm2 $(PEERS)/.installed
 	$(PY) scripts/bench.py --cache $(CACHE)
 	$(PY) scripts/bench_memory.py --cache $(CACHE)
+	$(PY) scripts/bench_kernels.py
+	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
+		$(PY) scripts/bench_generate.py --cache $(CACHE)
 
 lint: install
 	$(PY) -m ruff check quantcli tests scripts

@@ -8,6 +8,8 @@ Variants: fp32 and bf16 (transformers), quantcli int8 and int4 g32 (quantized wi
 quantcli, loaded with `quantcli.load` at bf16), and, when installed (`make bench` puts
 them in `.cache/peers`), optimum-quanto qint8/qint4 (`quantize` + `freeze`, bf16) and
 torchao `Int8WeightOnlyConfig`. Every quantized variant keeps the output head in float.
+"+ compile": the same model with a static KV cache and a compiled decode step
+(`quantcli generate --compile`), measured after compilation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 import quantcli
 from quantcli.config import QuantConfig
+from quantcli.models.generation import compile_options
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import quantize_checkpoint
 
@@ -74,15 +77,24 @@ def variants(folder: Path, cache: Path, device: str) -> dict:
     }
     for name, config in QUANTCLI.items():
         found[name] = lambda config=config: quantcli_model(folder, config, cache, device)
-    if importlib.util.find_spec("optimum.quanto"):
+    for name in ("bf16", *QUANTCLI):
+        found[f"{name} + compile"] = found[name]
+    if installed("optimum.quanto"):
         found["quanto qint8"] = lambda: quanto_model(folder, 8, device)
         found["quanto qint4"] = lambda: quanto_model(folder, 4, device)
-    if importlib.util.find_spec("torchao"):
+    if installed("torchao"):
         found["torchao int8 wo"] = lambda: torchao_model(folder, device)
     return found
 
 
-def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, options: dict) -> float:
     sync = torch.cuda.synchronize if ids.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -94,20 +106,26 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> float:
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            **options,
         )
     sync()
     return time.perf_counter() - start
 
 
-def measure(model, vocab: int, device: str, new_tokens: int, prompt_tokens: int):
-    """(decode tokens/s, prefill seconds) of one model, best of a few runs."""
+def measure(model, device: str, new_tokens: int, prompt_tokens: int, compiled: bool):
+    """(decode tokens/s, prefill seconds) of one model, best of a few runs.
+
+    Compiled variants are warmed up with the measured lengths, so compilation is left out.
+    """
+    options = compile_options(device) if compiled else {}
+    vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     short = torch.randint(100, vocab, (1, 16), generator=generator).to(device)
     long = torch.randint(100, vocab, (1, prompt_tokens), generator=generator).to(device)
-    timed_generate(model, short, 4)  # warm-up: first calls allocate and pick kernels
-    first = min(timed_generate(model, short, 1) for _ in range(3))
-    full = min(timed_generate(model, short, new_tokens) for _ in range(2))
-    prefill = min(timed_generate(model, long, 1) for _ in range(2))
+    timed_generate(model, short, new_tokens if compiled else 4, options)  # warm-up
+    first = min(timed_generate(model, short, 1, options) for _ in range(3))
+    full = min(timed_generate(model, short, new_tokens, options) for _ in range(2))
+    prefill = min(timed_generate(model, long, 1, options) for _ in range(2))
     return (new_tokens - 1) / max(full - first, 1e-9), prefill
 
 
@@ -137,8 +155,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         model = build()
-        vocab = model.config.vocab_size
-        results[name] = measure(model, vocab, args.device, args.new_tokens, args.prompt_tokens)
+        compiled = name.endswith(" + compile")
+        results[name] = measure(model, args.device, args.new_tokens, args.prompt_tokens, compiled)
         console.print(f"{name}: {results[name][0]:.2f} tok/s, prefill {results[name][1]:.2f} s")
         del model
         gc.collect()

@@ -60,7 +60,8 @@ def weight_terms(layer):
         (QuantConfig(bits=8, scheme="asym"), torch.bfloat16, 3, "dequant"),
         (QuantConfig(bits=8), torch.float16, 3, "dequant"),
         (QuantConfig(bits=8), torch.float16, 64, "fp32-dequant"),
-        (QuantConfig(bits=8), torch.float32, 64, "dequant"),
+        (QuantConfig(bits=8), torch.float32, 64, "fp32-dequant"),
+        (QuantConfig(bits=8), torch.float32, 1, "fp32-dequant"),
         (QuantConfig(bits=4), torch.bfloat16, 1, "int4pack"),
         (QuantConfig(bits=4), torch.bfloat16, PREFILL_MIN_M - 1, "int4pack"),
         (QuantConfig(bits=4, scheme="sym", group_size=32), torch.bfloat16, 3, "int4pack"),
@@ -135,12 +136,12 @@ def test_int4pack_layout_is_cached_and_renewed_when_the_weight_changes():
 @pytest.mark.parametrize(
     ("config", "rows", "expected"),
     [
-        (QuantConfig(bits=8), 1, "int8pack"),
-        (QuantConfig(bits=8), 8, "int8pack"),
+        (QuantConfig(bits=8), 1, "dequant"),
         (QuantConfig(bits=8), 64, "dequant"),
         (QuantConfig(bits=4, group_size=32), 1, "int4pack"),
         (QuantConfig(bits=4, group_size=128, scheme="sym"), 8, "int4pack"),
-        (QuantConfig(bits=4, group_size=64), 64, "dequant"),
+        (QuantConfig(bits=4, group_size=64), 128, "int4pack"),
+        (QuantConfig(bits=4, group_size=64), 256, "dequant"),
         (QuantConfig(bits=2, group_size=16), 1, "dequant"),
     ],
 )
@@ -151,3 +152,22 @@ def test_cuda_dispatch_and_agreement(config, rows, expected):
     out = q(x)
     assert out.device.type == "cuda"
     assert_agrees(out.cpu(), q.cpu(), x.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["int8pack", "int4pack"])
+def test_cuda_fused_kernels_agree_where_they_are_not_chosen(name):
+    q = layer(KERNEL_CONFIGS[name], in_features=256, out_features=64).cuda()
+    x = torch.randn(3, q.in_features, device="cuda").bfloat16()
+    out = KERNELS[name](q, x)
+    assert_agrees(out.cpu(), q.cpu(), x.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantizing_on_the_gpu_keeps_every_tensor_there():
+    weight = torch.randn(64, 256, device="cuda")
+    for config in (QuantConfig(bits=8), QuantConfig(bits=4), QuantConfig(bits=2, group_size=16)):
+        q = QuantLinear.from_weight(weight, None, config)
+        assert {t.device.type for t in q.state_dict().values()} == {"cuda"}
+        cpu = QuantLinear.from_weight(weight.cpu(), None, config)
+        assert all(q.state_dict()[k].cpu().equal(v) for k, v in cpu.state_dict().items())

@@ -28,7 +28,8 @@ def quantize_folder(src, out, config, **kwargs):
 
 
 def load_folder(path, **kwargs):
-    return load_quantized(resolve_model(str(path)), **kwargs)
+    """Load as stored (dtype None): these tests compare with the in-memory float32 model."""
+    return load_quantized(resolve_model(str(path)), **{"dtype": None, **kwargs})
 
 
 @pytest.mark.parametrize("arch", ARCHS)

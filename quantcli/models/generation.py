@@ -18,10 +18,39 @@ class GenerationResult:
     new_tokens: int
     seconds: float
     max_new_tokens: int  # after capping to the model's context
+    first_token_seconds: float  # the prompt's prefill, up to the first new token
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """New tokens after the first, per second: the speed of the decode steps alone."""
+        decode = self.seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+
+class _FirstTokenClock:
+    """A streamer that notes when the first new token arrives and passes everything on.
+
+    `generate` first puts the prompt, then each new token."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first_token_at = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 def load_tokenizer(folder):
@@ -47,8 +76,15 @@ def generate_text(
     chat: bool | None = None,
     system: str | None = None,
     streamer=None,
+    compile: bool = False,
 ) -> GenerationResult:
-    """Continue `prompt` (as a chat turn when the tokenizer has a template and `chat` allows)."""
+    """Continue `prompt` (as a chat turn when the tokenizer has a template and `chat` allows).
+
+    `compile`: a static KV cache and `torch.compile` of the decode step. It removes most
+    of the Python and small-op overhead around the layers (about 2x the decode speed of
+    SmolLM2-135M on 2 CPU cores) but costs tens of seconds of compilation first, so it
+    pays off only for long generations or a warm compile cache.
+    """
     if not prompt.strip():
         raise UsageError("the prompt is empty: pass some text, or - to read it from stdin.")
     if not getattr(model, "can_generate", lambda: False)():
@@ -86,13 +122,34 @@ def generate_text(
         options.update(temperature=None, top_p=None, top_k=None)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         options["pad_token_id"] = tokenizer.eos_token_id
+    if compile:
+        options.update(compile_options(device.type))
+    clock = _FirstTokenClock(streamer)
     started = time.perf_counter()
     with torch.no_grad():
-        output = model.generate(**inputs, **options, streamer=streamer)
-    seconds = time.perf_counter() - started
+        output = model.generate(**inputs, **options, streamer=clock)
+    finished = time.perf_counter()
     new = output[0, prompt_tokens:]
     text = tokenizer.decode(new, skip_special_tokens=True)
-    return GenerationResult(text, prompt_tokens, int(new.shape[0]), seconds, max_new_tokens)
+    first = (clock.first_token_at or finished) - started
+    return GenerationResult(
+        text, prompt_tokens, int(new.shape[0]), finished - started, max_new_tokens, first
+    )
+
+
+def compile_options(device: str) -> dict:
+    """`generate` options for a static KV cache and a compiled decode step on `device`.
+
+    transformers compiles the decode step by itself only on accelerators; on CPU we ask
+    for it, with inductor's default mode (CUDA graphs do not apply there).
+    """
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False)
+    if device == "cpu":
+        config.mode = "default"
+        config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
 
 
 def _context_length(model: nn.Module) -> int | None:

@@ -31,6 +31,7 @@ from quantcli.errors import CheckpointError
 from quantcli.models.replace import replace_linear_layers
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, resolve_model
+from quantcli.nn.kernels import preferred_dtype, prepare_kernels
 
 
 @dataclass
@@ -44,17 +45,20 @@ class LoadReport:
     tensor_bytes: int
     seconds: float
     peak_rss_bytes: int
+    dtype: torch.dtype | None  # of the float tensors and activations; None: as stored
 
 
 def load_quantized(
     source: ModelSource,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = "auto",
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, LoadReport]:
     """The model of a quantcli (compressed-tensors int) checkpoint, in eval mode on `device`.
 
-    `dtype` casts the float tensors (norms, embeddings, scales, biases); the integers stay.
+    `dtype` casts the float tensors (norms, embeddings, scales, biases), and so sets the
+    activations' dtype; the integers stay. "auto" picks the fastest for the device and the
+    layers' kernels (`preferred_dtype`), None keeps what the files hold.
     """
     started = time.perf_counter()
     hf_config = load_hf_config(source.folder, trust_remote_code)
@@ -65,6 +69,8 @@ def load_quantized(
             "run quantcli quantize on it first."
         )
     config, _ = parse_quantization_config(raw if isinstance(raw, dict) else raw.to_dict())
+    if dtype == "auto":
+        dtype = preferred_dtype(config, torch.device(device).type)
     del hf_config.quantization_config
     files = weight_files(source.folder)
     tensors, metadata = read_all_headers(files)
@@ -89,6 +95,8 @@ def load_quantized(
             f"the checkpoint does not hold {still_empty[0]} (and {len(still_empty) - 1} more)."
         )
     model.to(device).eval()
+    if dtype is not None:
+        prepare_kernels(model, torch.device(device).type, dtype)
     return model, LoadReport(
         model_class=type(model).__name__,
         config=config,
@@ -97,6 +105,7 @@ def load_quantized(
         tensor_bytes=sum(info.nbytes for info in tensors.values()),
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        dtype=dtype,
     )
 
 
@@ -172,11 +181,14 @@ def load(
     *,
     revision: str | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = "auto",
     token: str | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """Load a quantized checkpoint (local folder or Hub id) as a ready model."""
+    """Load a quantized checkpoint (local folder or Hub id) as a ready model.
+
+    `dtype` "auto" picks the fastest activation dtype for the device; None keeps the files'.
+    """
     source = resolve_model(model, revision, token)
     loaded, _ = load_quantized(source, device, dtype, trust_remote_code)
     return loaded

@@ -4,8 +4,9 @@ Measured on a 2-core AVX2 CPU without bf16 hardware (see docs/benchmarks.md):
 
 - ``int8pack``: PyTorch's fused W8A16 kernel (`torch._weight_int8pack_mm`) reads the int8
   weight directly; with bf16 activations it is about 13x faster than dequantizing at
-  decode sizes. It needs per-channel (or per-tensor) symmetric int8, and on CPU it crashes
-  the process for M >= 2 when K % 8 != 0, so that case never reaches it.
+  decode sizes on CPU (on CUDA it is no faster than dequantizing, so it is not used there).
+  It needs per-channel (or per-tensor) symmetric int8, and on CPU it crashes the process
+  for M >= 2 when K % 8 != 0, so that case never reaches it.
 - ``int4pack``: PyTorch's fused W4A16 kernels (tinygemm on CUDA, its CPU port otherwise)
   read 4-bit groups of 32..256 with bf16 activations. They want their own weight layout,
   made once per layer and device on first use and cached (`int4pack_weight`).
@@ -19,6 +20,7 @@ Measured on a 2-core AVX2 CPU without bf16 hardware (see docs/benchmarks.md):
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -33,48 +35,107 @@ PREFILL_MIN_M = 32
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 #: tinygemm's inner K tiles on CUDA: K must be a multiple of 16 times this.
 CUDA_INNER_K_TILES = 8
+#: On CUDA, from this many rows dequantize-then-matmul beats tinygemm int4.
+CUDA_INT4PACK_MAX_M = 256
 
 
 def select_kernel(layer, x: torch.Tensor) -> str:
     """The name of the kernel to use for `layer` on input `x`."""
-    device = x.device.type
-    if device not in ("cpu", "cuda") or x.dtype not in (torch.bfloat16, torch.float16):
-        return "dequant"
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if device == "cpu" and rows >= PREFILL_MIN_M:
+    return choose_kernel(layer, x.device.type, x.dtype, rows)
+
+
+def choose_kernel(layer, device: str, dtype: torch.dtype, rows: int) -> str:
+    """The kernel for `rows` tokens of `dtype` activations on a `device` ("cpu", "cuda")."""
+    if device == "cpu":
+        return _choose_on_cpu(layer, dtype, rows)
+    if device == "cuda":
+        return _choose_on_cuda(layer, dtype, rows)
+    return "dequant"
+
+
+def _choose_on_cpu(layer, dtype: torch.dtype, rows: int) -> str:
+    if rows >= PREFILL_MIN_M or dtype == torch.float32:
         return "fp32-dequant"
-    if x.dtype != torch.bfloat16:
-        return "dequant"
-    if device == "cuda" and rows >= PREFILL_MIN_M:
-        return "dequant"  # tensor cores on the bf16 weight beat the decode kernels
-    if _int8pack_fits(layer, device):
-        return "int8pack"
-    if _int4pack_fits(layer, device):
+    if dtype == torch.bfloat16:
+        kernel = fused_kernel(layer.config)
+        if kernel == "int8pack" and _int8pack_fits(layer):
+            return kernel
+        if kernel == "int4pack" and _int4pack_fits_cpu(layer):
+            return kernel
+    return "dequant"
+
+
+def _choose_on_cuda(layer, dtype: torch.dtype, rows: int) -> str:
+    """On an H100, tinygemm int4 is 1.6-1.8x a bf16 matmul at decode and loses to
+    dequantize-then-matmul by 512 rows; PyTorch's int8pack is no faster than dequantizing
+    at 1 row and 3x slower at 8, so int8 layers always dequantize there."""
+    if (
+        dtype == torch.bfloat16
+        and rows < CUDA_INT4PACK_MAX_M
+        and fused_kernel(layer.config) == "int4pack"
+        and _int4pack_fits_cuda(layer)
+    ):
         return "int4pack"
     return "dequant"
 
 
-def _int8pack_fits(layer, device: str) -> bool:
-    config = layer.config
-    return (
-        config.bits == 8
-        and config.symmetric
-        and config.granularity is not Granularity.GROUP
-        and layer.in_features % 8 == 0  # else _weight_int8pack_mm crashes for M >= 2
-        and hasattr(torch, "_weight_int8pack_mm")
-    )
-
-
-def _int4pack_fits(layer, device: str) -> bool:
-    config = layer.config
-    if not (
+def fused_kernel(config) -> str | None:
+    """The fused decode kernel for layers of this config, if any (before their shapes)."""
+    if config.bits == 8 and config.symmetric and config.granularity is not Granularity.GROUP:
+        return "int8pack"
+    if (
         config.bits == 4
         and config.granularity is Granularity.GROUP
         and config.group_size in INT4PACK_GROUP_SIZES
     ):
-        return False
-    if device == "cpu":
-        return layer.out_features % 16 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+        return "int4pack"
+    return None
+
+
+def preferred_dtype(config, device: str) -> torch.dtype:
+    """The activation dtype that runs these layers fastest on `device`.
+
+    GPUs: bf16 (fp16 where bf16 is missing). CPUs: bf16 where a fused kernel takes the
+    decode steps (prefill runs in fp32 either way), else fp32, because bf16 arithmetic is
+    slow on CPUs without bf16 units.
+    """
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if fused_kernel(config) else torch.float32
+
+
+def kernel_plan(model: torch.nn.Module, device: str, dtype: torch.dtype, rows: int) -> Counter:
+    """How many quantized layers of `model` each kernel serves for `rows` tokens."""
+    return Counter(
+        choose_kernel(module, device, dtype, rows)
+        for module in model.modules()
+        if hasattr(module, "weight_scale") and hasattr(module, "config")
+    )
+
+
+def prepare_kernels(model: torch.nn.Module, device: str, dtype: torch.dtype) -> None:
+    """Make now the weight layouts the decode kernels will want (int4pack's), once.
+
+    Done at load time so that the first token does not pay for it, and so that a compiled
+    decode step finds them ready instead of retracing around the cache.
+    """
+    for module in model.modules():
+        is_packed_layer = hasattr(module, "weight_packed") and hasattr(module, "config")
+        if is_packed_layer and choose_kernel(module, device, dtype, 1) == "int4pack":
+            int4pack_weight(module)
+
+
+def _int8pack_fits(layer) -> bool:
+    # on CPU, _weight_int8pack_mm crashes for M >= 2 when K % 8 != 0
+    return layer.in_features % 8 == 0 and hasattr(torch, "_weight_int8pack_mm")
+
+
+def _int4pack_fits_cpu(layer) -> bool:
+    return layer.out_features % 16 == 0 and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+
+
+def _int4pack_fits_cuda(layer) -> bool:
     return (
         layer.out_features % 8 == 0
         and layer.in_features % (16 * CUDA_INNER_K_TILES) == 0

@@ -151,7 +151,9 @@ def compressed_state(qweight: QuantizedTensor, config: QuantConfig) -> dict[str,
     if config.packed:
         state = {
             "weight_packed": pack_int32(qweight.qdata, config.bits),
-            "weight_shape": torch.tensor(qweight.qdata.shape, dtype=torch.int64),
+            "weight_shape": torch.tensor(
+                qweight.qdata.shape, dtype=torch.int64, device=qweight.qdata.device
+            ),
         }
     else:
         state = {"weight": qweight.qdata}

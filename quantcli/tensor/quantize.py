@@ -123,7 +123,7 @@ def quantize(
         zero = torch.round(q_min - low / scale.float()).clamp(q_min, q_max)
 
     # 3. the integers, block by block, against the stored scale
-    qdata = torch.empty(weight.shape, dtype=torch.int8)
+    qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     for start, block in blocks:
         rows = (
             slice(None) if granularity is Granularity.TENSOR else slice(start, start + len(block))
