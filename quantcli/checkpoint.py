@@ -323,6 +323,7 @@ def header_metadata(config: QuantConfig, source: str, revision: str | None) -> d
                 "exclude": list(config.exclude),
                 "quantize_head": config.quantize_head,
                 "dtype": str(config.dtype).removeprefix("torch.") if config.dtype else None,
+                "optimize": config.optimize,
             }
         ),
         "source_model": source,
@@ -436,3 +437,13 @@ def _packed_in_features(parts: dict[str, TensorInfo], config: QuantConfig) -> in
     if config.granularity is Granularity.GROUP:
         return parts["weight_scale"].shape[1] * config.group_size
     return parts["weight_packed"].shape[1] * 32 // config.bits  # exact for in % (32/bits) == 0
+
+
+def read_eval(folder: Path) -> dict | None:
+    """The figures `quantcli eval` recorded in the folder, or None (also when unreadable)."""
+    path = folder / EVAL_NAME
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) else None

@@ -11,6 +11,7 @@ import ctypes
 import json
 import shlex
 import sys
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -22,12 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from quantcli import __version__
-from quantcli.checkpoint import CheckpointSummary
+from quantcli.checkpoint import CheckpointSummary, read_eval
 from quantcli.config import Granularity, QuantConfig, Scheme
-from quantcli.errors import QuantcliError, UsageError
+from quantcli.errors import NotFoundError, QuantcliError, UsageError, first_line
 from quantcli.hub import push_checkpoint
+from quantcli.models.evaluation import default_text, evaluate, save_result
 from quantcli.models.generation import generate_text, load_tokenizer
-from quantcli.models.loading import load_quantized, sanity_forward, summarize_folder
+from quantcli.models.layer_errors import layer_errors
+from quantcli.models.loading import load_any, load_quantized, sanity_forward, summarize_folder
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import QuantizeSummary, quantize_checkpoint
 from quantcli.nn.kernels import kernel_plan
@@ -176,6 +179,14 @@ def quantize(
     quantize_head: Annotated[
         bool, typer.Option("--quantize-head", help="Quantize the output head too.")
     ] = False,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize/--no-optimize",
+            help="Search each group's clipping range for the least reconstruction error "
+            "instead of rounding its full range (no calibration data; slower to quantize).",
+        ),
+    ] = False,
     dtype: Annotated[
         DtypeChoice,
         typer.Option(help="dtype of scales and unquantized tensors (auto: keep the model's)."),
@@ -206,6 +217,7 @@ def quantize(
         exclude=tuple(exclude or ()),
         quantize_head=quantize_head,
         dtype=DTYPES[dtype.value],
+        optimize=optimize,
     )
     source = resolve_model(model, revision, token)
     with _progress(disable=json_output) as progress:
@@ -311,17 +323,48 @@ def _add_kernel_rows(table: Table, result: dict) -> None:
 )
 def inspect(
     path: Annotated[str, typer.Argument(help="Checkpoint folder or Hub id.")],
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="The float original (folder or Hub id): report each quantized layer's "
+            "relative error and SNR against it, worst first (reads one layer at a time).",
+            show_default=False,
+        ),
+    ] = None,
     revision: RevisionOption = None,
     token: TokenOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Show what a checkpoint holds, layer by layer, from its headers only."""
     source = resolve_model(path, revision, token)
     summary = summarize_folder(source.folder)
+    errors = None
+    if against is not None:
+        original = resolve_model(against, None, token)
+        with _progress(disable=json_output) as progress:
+            task = progress.add_task("Comparing", total=None)
+            errors = layer_errors(
+                source.folder,
+                original,
+                trust_remote_code,
+                on_start=lambda total: progress.update(task, total=total),
+                on_layer=lambda name: progress.update(task, advance=1, description=name),
+            )
+    evaluation = read_eval(source.folder)
     if json_output:
-        print(json.dumps(_inspect_json(summary)))
-    else:
-        _print_inspect(summary, path)
+        result = _inspect_json(summary)
+        if errors is not None:
+            result["layer_errors"] = [asdict(error) for error in errors]
+        if evaluation is not None:
+            result["eval"] = evaluation
+        print(json.dumps(result))
+        return
+    _print_inspect(summary, path)
+    if evaluation is not None:
+        _print_eval(evaluation)
+    if errors is not None:
+        _print_layer_errors(errors, against)
 
 
 @app.command(
@@ -378,6 +421,162 @@ def push(
         stdout.print(f"Opened {result.pr_url} (commit {result.commit_oid[:10]}).")
     else:
         stdout.print(f"Pushed to {result.repo_url} (commit {result.commit_url}).")
+
+
+@app.command(
+    "eval",
+    epilog="Examples:\n\n`quantcli eval ./smollm2-int4`\n\n"
+    "`quantcli eval ./smollm2-int4 --baseline HuggingFaceTB/SmolLM2-135M-Instruct "
+    "--max-tokens 4096`\n\n`quantcli eval ./bert-int8 --baseline ./bert --text notes.txt --json`",
+)
+def evaluate_command(
+    model: Annotated[str, typer.Argument(help="Model to score: quantized checkpoint or float.")],
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="Float model to compare with (default: the source recorded in the "
+            "checkpoint, when it can be found).",
+            show_default=False,
+        ),
+    ] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Score MODEL alone.")] = False,
+    text: Annotated[
+        Path | None,
+        typer.Option(
+            help="UTF-8 text file to score (default: a public-domain Shakespeare excerpt "
+            "shipped with quantcli).",
+            show_default=False,
+        ),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Score at most this many tokens.", min=2)] = 16384,
+    window: Annotated[int, typer.Option(help="Tokens per forward pass (context).", min=2)] = 512,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens between windows (default: the window; less adds context).", min=1
+        ),
+    ] = None,
+    dtype: Annotated[
+        DtypeChoice,
+        typer.Option(
+            help="dtype of both models' activations. fp32 (default) measures what the weights "
+            "lost; bf16 adds the activations' rounding (auto: the fastest, as in generate)."
+        ),
+    ] = DtypeChoice.fp32,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
+    save: Annotated[
+        bool,
+        typer.Option(
+            "--save/--no-save", help="Record the result in the checkpoint folder for push."
+        ),
+    ] = True,
+    revision: RevisionOption = None,
+    token: TokenOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Measure what quantization cost: perplexity, and against the float model ΔPPL, KL
+    divergence and top-1 agreement (cosine similarity of the outputs for encoders).
+
+    The result is saved in the checkpoint folder (quantcli_eval.json), where `inspect`
+    shows it and `push` puts it on the model card.
+    """
+    source = resolve_model(model, revision, token)
+    run_dtype = _run_dtype(dtype)
+    scored = load_any(source, device, run_dtype, trust_remote_code)
+    tokenizer = load_tokenizer(source.folder)
+    if text is None:
+        text_name, content = default_text()
+    else:
+        text_name, content = text.name, _read_text(text)
+    baseline_name = None if no_baseline else baseline or _recorded_source(source.folder)
+    reference = None
+    if baseline_name is not None:
+        try:
+            reference = load_any(
+                resolve_model(baseline_name, None, token), device, run_dtype, trust_remote_code
+            )
+        except NotFoundError as error:
+            if baseline is not None:
+                raise
+            stderr.print(f"(no baseline: the recorded source is not reachable: {error})")
+            baseline_name = None
+    with _progress(disable=json_output) as progress:
+        task = progress.add_task("Scoring windows", total=None)
+        result = evaluate(
+            scored,
+            tokenizer,
+            content,
+            text_name=text_name,
+            model_name=model,
+            baseline=reference,
+            baseline_name=baseline_name,
+            window=window,
+            stride=stride,
+            max_tokens=max_tokens,
+            on_start=lambda total: progress.update(task, total=total),
+            on_window=lambda: progress.update(task, advance=1),
+        )
+    saved = None
+    if save and Path(model).expanduser().is_dir():
+        saved = save_result(source.folder, result)
+    if json_output:
+        print(json.dumps(result.to_dict()))
+        return
+    _print_eval(result.to_dict())
+    if saved is not None:
+        stderr.print(f"Saved to {saved}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--text {path}: no such file.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(
+            f"--text {path} is not readable UTF-8 text ({first_line(error)})."
+        ) from None
+
+
+def _recorded_source(folder: Path) -> str | None:
+    """The float model a quantcli checkpoint was made from, as its metadata records it."""
+    return summarize_folder(folder).metadata.get("source_model") or None
+
+
+def _print_eval(result: dict) -> None:
+    table = Table(show_header=False, box=None, title="evaluation")
+    table.add_row("text", f"{result['text']}: {result['tokens']} tokens scored")
+    table.add_row("windows", f"{result['window']} tokens, stride {result['stride']}")
+    table.add_row("activations", result["dtype"])
+    if "perplexity" in result:
+        table.add_row("perplexity", f"{result['perplexity']:.4f}")
+    if "baseline" in result:
+        table.add_row("baseline", result["baseline"])
+    if "baseline_perplexity" in result:
+        table.add_row("baseline perplexity", f"{result['baseline_perplexity']:.4f}")
+        table.add_row(
+            "Δ perplexity",
+            f"{result['delta_perplexity']:+.4f} ({result['delta_perplexity_percent']:+.2f}%)",
+        )
+        table.add_row("KL divergence", f"{result['kl_divergence']:.5f} nats/token")
+        table.add_row("top-1 agreement", f"{100 * result['top1_agreement']:.2f}%")
+    if "cosine_similarity" in result:
+        table.add_row("cosine similarity", f"{result['cosine_similarity']:.5f}")
+    stdout.print(table)
+
+
+def _print_layer_errors(errors: list, original: str) -> None:
+    table = Table(title=f"error of each quantized layer against {original}, worst first")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("relative error", justify="right")
+    table.add_column("SNR", justify="right")
+    table.add_column("")
+    worst = max((error.relative_error for error in errors), default=0.0) or 1.0
+    for error in errors:
+        bar = "█" * max(1, round(30 * error.relative_error / worst))
+        table.add_row(error.name, f"{error.relative_error:.5f}", f"{error.snr_db:.1f} dB", bar)
+    stdout.print(table)
 
 
 @app.command(

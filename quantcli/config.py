@@ -41,7 +41,8 @@ class QuantConfig:
     Defaults follow the usual practice: 8-bit is symmetric per channel, 4- and 2-bit are
     asymmetric per group of 32 inputs. `dtype` is the dtype of scales (None: the weight's
     own dtype). `exclude` holds glob patterns on module names kept in float; the output
-    head is kept too unless `quantize_head` is set.
+    head is kept too unless `quantize_head` is set. `optimize` searches each group's
+    clipping range for the least reconstruction error instead of rounding its full range.
     """
 
     bits: int = 8
@@ -51,6 +52,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     quantize_head: bool = False
     dtype: torch.dtype | None = None
+    optimize: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -76,6 +78,10 @@ class QuantConfig:
                 f"group_size={group_size} only applies to granularity 'group', "
                 f"not '{granularity.value}'."
             )
+        if self.optimize and granularity is Granularity.TENSOR:
+            raise UsageError(
+                "optimize (the clipping search) works per channel or per group, not per tensor."
+            )
         if self.dtype is not None and not self.dtype.is_floating_point:
             raise UsageError(f"dtype={self.dtype} must be a floating-point dtype for scales.")
         object.__setattr__(self, "scheme", scheme)
@@ -91,8 +97,10 @@ class QuantConfig:
     def label(self) -> str:
         """Short name for people: 'int8 sym channel', 'int4 asym g32'."""
         if self.granularity is Granularity.GROUP:
-            return f"int{self.bits} {self.scheme.value} g{self.group_size}"
-        return f"int{self.bits} {self.scheme.value} {self.granularity.value}"
+            label = f"int{self.bits} {self.scheme.value} g{self.group_size}"
+        else:
+            label = f"int{self.bits} {self.scheme.value} {self.granularity.value}"
+        return f"{label} +clip" if self.optimize else label
 
     @property
     def packed(self) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantcli import __version__
-from quantcli.checkpoint import EVAL_NAME, CheckpointSummary
+from quantcli.checkpoint import CheckpointSummary, read_eval
 from quantcli.config import Scheme
 from quantcli.errors import AuthError, CheckpointError, NotFoundError
 from quantcli.models.loading import summarize_folder
@@ -211,14 +211,8 @@ def _usage_section(repo_id: str, summary: CheckpointSummary) -> list[str]:
 
 def _quality_section(folder: Path) -> list[str]:
     """The evaluation recorded in the folder by `quantcli eval`, when there is one."""
-    path = folder / EVAL_NAME
-    if not path.is_file():
-        return []
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return []
-    if not isinstance(results, dict):
+    results = read_eval(folder)
+    if results is None:
         return []
     rows = [f"| {key} | {value} |" for key, value in results.items() if not isinstance(value, dict)]
     return ["## Quality", "", "| metric | value |", "|---|---|", *rows, ""]

@@ -216,3 +216,58 @@ def test_row_blocks_change_no_result(scheme, layout, monkeypatch):
     assert torch.equal(blocked.qdata, whole.qdata) and torch.equal(blocked.scale, whole.scale)
     if whole.zero_point is not None:
         assert torch.equal(blocked.zero_point, whole.zero_point)
+
+
+def group_squared_errors(weight, qt, group_size):
+    """Squared reconstruction error summed per group (per row for channel layouts)."""
+    error = (qt.dequantize(torch.float32) - weight.float()).square()
+    return error.unflatten(1, (-1, group_size or weight.shape[1])).sum(-1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 3),
+    bits=st.sampled_from([2, 4, 8]),
+    scheme=st.sampled_from(SCHEMES),
+    layout=st.sampled_from(LAYOUTS[1:]),
+    dtype=st.sampled_from(DTYPES),
+    outliers=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_clipping_search_never_loses_to_round_to_nearest(
+    rows, groups, bits, scheme, layout, dtype, outliers, seed
+):
+    granularity, group_size = layout
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, groups * 32, generator=generator)
+    if outliers:
+        weight[:, ::29] *= 12
+    weight = weight.to(dtype)
+    rtn = quantize(weight, bits, scheme, granularity, group_size)
+    best = quantize(weight, bits, scheme, granularity, group_size, optimize=True)
+    q_min, q_max = int_range(bits)  # clipped symmetric groups may reach q_min too
+    assert int(best.qdata.min()) >= q_min and int(best.qdata.max()) <= q_max
+    before = group_squared_errors(weight, rtn, group_size)
+    after = group_squared_errors(weight, best, group_size)
+    assert (after <= before * (1 + 1e-6) + 1e-30).all()
+
+
+@pytest.mark.parametrize(
+    ("bits", "scheme", "group_size", "at_most"),
+    [(2, "asym", 16, 0.8), (2, "sym", 32, 0.4), (4, "asym", None, 0.85), (4, "sym", 32, 0.85)],
+)
+def test_clipping_search_cuts_the_error_of_gaussian_weights(bits, scheme, group_size, at_most):
+    """Gaussian rows and groups: clipping the tails buys a finer step for the bulk
+    (measured ratios 0.75, 0.35, 0.80, 0.79 on this seed)."""
+    weight = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    granularity = "group" if group_size else "channel"
+    rtn = quantize(weight, bits, scheme, granularity, group_size)
+    best = quantize(weight, bits, scheme, granularity, group_size, optimize=True)
+    before = group_squared_errors(weight, rtn, group_size).sum()
+    assert group_squared_errors(weight, best, group_size).sum() <= at_most * before
+
+
+def test_clipping_search_is_refused_per_tensor():
+    with pytest.raises(UsageError, match="per channel or per group"):
+        quantize(torch.randn(4, 8), 8, "sym", "tensor", optimize=True)

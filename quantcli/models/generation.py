@@ -106,7 +106,7 @@ def generate_text(
     device = next(iter(model.buffers())).device
     inputs = {key: value.to(device) for key, value in inputs.items()}
     prompt_tokens = inputs["input_ids"].shape[1]
-    context = _context_length(model)
+    context = context_length(model)
     if context is not None:
         if prompt_tokens >= context:
             raise UsageError(
@@ -152,7 +152,8 @@ def compile_options(device: str) -> dict:
     return {"cache_implementation": "static", "compile_config": config}
 
 
-def _context_length(model: nn.Module) -> int | None:
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens the model reads (its position embeddings), when its config says."""
     config = model.config
     for name in ("max_position_embeddings", "n_positions"):
         value = getattr(config, name, None)

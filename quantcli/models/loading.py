@@ -109,6 +109,36 @@ def load_quantized(
     )
 
 
+def load_any(
+    source: ModelSource,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = "auto",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A quantcli checkpoint through `load_quantized`, or a float model through transformers
+    (its config's architecture, safetensors only: never a pickle)."""
+    hf_config = load_hf_config(source.folder, trust_remote_code)
+    if getattr(hf_config, "quantization_config", None) is not None:
+        return load_quantized(source, device, dtype, trust_remote_code)[0]
+    import transformers
+
+    weight_files(source.folder)  # refuses pickle-only folders with the reason
+    architectures = getattr(hf_config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise CheckpointError(
+            f"{source.model_id} names no architecture transformers knows in config.json "
+            f"({architectures or 'none'})."
+        )
+    model = model_class.from_pretrained(
+        source.folder,
+        dtype=None if dtype == "auto" else dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    return model.to(device).eval()
+
+
 def summarize_folder(folder: Path) -> CheckpointSummary:
     """What a model folder holds, from config.json and the safetensors headers only."""
     raw = load_hf_config(folder).to_dict().get("quantization_config")

@@ -36,8 +36,7 @@ from quantcli.errors import CheckpointError, InvalidTensorError, UsageError
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, card_license, side_files
-from quantcli.nn.qlinear import QuantLinear, compressed_state
-from quantcli.tensor.quantize import quantize
+from quantcli.nn.qlinear import QuantLinear, compressed_state, quantize_weight
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
@@ -186,7 +185,7 @@ def _plan(
     """Map every source tensor to the output tensors it becomes."""
     model_keys = set(skeleton.state_dict())
     prefix = getattr(skeleton, "base_model_prefix", "")
-    rename = {key: _model_key(key, model_keys, prefix) for key in tensors}
+    rename = {key: model_key(key, model_keys, prefix) for key in tensors}
     by_model_key = {rename[key]: info for key, info in tensors.items()}
     quantized = set(replaced)
     scale_dtypes = {}
@@ -213,8 +212,8 @@ def _plan(
             )
         )
     for key, info in sorted(tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)):
-        model_key = rename[key]
-        module, _, leaf = model_key.rpartition(".")
+        name_in_model = rename[key]
+        module, _, leaf = name_in_model.rpartition(".")
         if module in quantized and leaf == "weight":
             continue
         dtype = scale_dtypes.get(module) if module in quantized else config.dtype
@@ -223,8 +222,8 @@ def _plan(
         plan.add(
             _Item(
                 module=module,
-                specs=[TensorSpec(model_key, dtype, info.shape)],
-                produce=_copier(model_key, info, dtype),
+                specs=[TensorSpec(name_in_model, dtype, info.shape)],
+                produce=_copier(name_in_model, info, dtype),
             )
         )
     return plan
@@ -247,7 +246,7 @@ def _warnings(skeleton, report, config: QuantConfig) -> list[str]:
     return warnings
 
 
-def _model_key(key: str, model_keys: set[str], prefix: str) -> str:
+def model_key(key: str, model_keys: set[str], prefix: str) -> str:
     """A checkpoint key as the model names it (checkpoints of a base model lack the prefix)."""
     if key in model_keys or not prefix:
         return key
@@ -263,14 +262,7 @@ def _quantizer(name, info, config, scale_dtype, transposed):
         if transposed:  # GPT-2's Conv1D stores (in, out)
             weight = weight.t()
         try:
-            qweight = quantize(
-                weight,
-                config.bits,
-                config.scheme,
-                config.granularity,
-                config.group_size,
-                scale_dtype,
-            )
+            qweight = quantize_weight(weight, config, scale_dtype)
         except InvalidTensorError as error:
             raise InvalidTensorError(f"{name}.weight: {error}") from None
         return {f"{name}.{key}": t for key, t in compressed_state(qweight, config).items()}
@@ -278,9 +270,9 @@ def _quantizer(name, info, config, scale_dtype, transposed):
     return produce
 
 
-def _copier(model_key, info, dtype):
+def _copier(name, info, dtype):
     def produce() -> dict[str, torch.Tensor]:
-        return {model_key: read_tensor(info).to(dtype)}
+        return {name: read_tensor(info).to(dtype)}
 
     return produce
 

@@ -74,17 +74,7 @@ class QuantLinear(nn.Module):
         dtype = config.dtype or weight.dtype
         layer = cls(in_features, out_features, bias is not None, config, dtype, weight.device)
         if weight.device.type != "meta":
-            layer.load_quantized(
-                quantize(
-                    weight,
-                    config.bits,
-                    config.scheme,
-                    config.granularity,
-                    config.group_size,
-                    dtype,
-                ),
-                bias,
-            )
+            layer.load_quantized(quantize_weight(weight, config, dtype), bias)
         return layer
 
     @classmethod
@@ -139,6 +129,19 @@ class QuantLinear(nn.Module):
         if c.granularity is Granularity.CHANNEL:
             return (self.out_features, 1)
         return (self.out_features, groups_per_row(self.in_features, c.group_size))
+
+
+def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtype | None):
+    """`quantize` with the settings of `config`, scales in `dtype`."""
+    return quantize(
+        weight,
+        config.bits,
+        config.scheme,
+        config.granularity,
+        config.group_size,
+        dtype,
+        optimize=config.optimize,
+    )
 
 
 def packs_zero_point(config: QuantConfig) -> bool:

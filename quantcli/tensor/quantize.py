@@ -25,6 +25,8 @@ from quantcli.errors import InvalidTensorError, UsageError
 
 MIN_BITS, MAX_BITS = 2, 8
 BLOCK_ELEMENTS = 1 << 20
+#: Fractions of each group's range tried by the clipping search (1.0: round to nearest).
+CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(21))
 
 
 def int_range(bits: int) -> tuple[int, int]:
@@ -88,8 +90,15 @@ def quantize(
     granularity: Granularity | str = Granularity.CHANNEL,
     group_size: int | None = None,
     dtype: torch.dtype | None = None,
+    optimize: bool = False,
 ) -> QuantizedTensor:
     """Quantize a 2-D float weight ``(out, in)``; scales are stored in `dtype`.
+
+    `optimize`: instead of each group's full range, use the fraction of it (from
+    `CLIP_RATIOS`) that gives the smallest squared reconstruction error of that group.
+    Clipping a few outliers buys a finer step for all the other weights; without
+    calibration data this is the error that can be measured. The full range is among the
+    candidates, so no group gets worse than round-to-nearest. Channel and group only.
 
     Raises `InvalidTensorError` for NaN/Inf or a tensor that is not 2-D, and `UsageError`
     for a group size that does not divide the input dimension (compressed-tensors and
@@ -111,16 +120,15 @@ def quantize(
         highs.append(groups.amax(-1))
     low, high = torch.cat(lows), torch.cat(highs)
     if granularity is Granularity.TENSOR:
+        if optimize:
+            raise UsageError("the clipping search works per channel or per group, not per tensor.")
         low, high = low.min().reshape(1, 1), high.max().reshape(1, 1)
+    if optimize:
+        ratio = _best_clip_ratios(blocks, low, high, bits, scheme, granularity, group_size, dtype)
+        low, high = low * ratio, high * ratio
 
     # 2. scale and zero point per group, from float32 ranges
-    if scheme is Scheme.SYM:
-        scale = _round_up(torch.maximum(low.abs(), high.abs()) / q_max, dtype)
-        zero = None
-    else:
-        low, high = low.clamp(max=0), high.clamp(min=0)
-        scale = _round_up((high - low) / (q_max - q_min), dtype)
-        zero = torch.round(q_min - low / scale.float()).clamp(q_min, q_max)
+    scale, zero = _scale_and_zero(low, high, bits, scheme, dtype)
 
     # 3. the integers, block by block, against the stored scale
     qdata = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
@@ -147,6 +155,39 @@ def quantize(
         granularity=granularity,
         group_size=group_size if granularity is Granularity.GROUP else None,
     )
+
+
+def _scale_and_zero(
+    low: torch.Tensor, high: torch.Tensor, bits: int, scheme: Scheme, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stored scale and the (float, integral) zero point of float32 ranges."""
+    q_min, q_max = int_range(bits)
+    if scheme is Scheme.SYM:
+        return _round_up(torch.maximum(low.abs(), high.abs()) / q_max, dtype), None
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    scale = _round_up((high - low) / (q_max - q_min), dtype)
+    return scale, torch.round(q_min - low / scale.float()).clamp(q_min, q_max)
+
+
+def _best_clip_ratios(blocks, low, high, bits, scheme, granularity, group_size, dtype):
+    """Per group, the entry of `CLIP_RATIOS` whose range reconstructs it best (least squares)."""
+    q_min, q_max = int_range(bits)
+    best_ratio = torch.ones_like(low)
+    for start, block in blocks:
+        rows = slice(start, start + len(block))
+        groups = _as_groups(block.float(), granularity, group_size)
+        best_error = torch.full(groups.shape[:2], torch.inf, device=groups.device)
+        for ratio in CLIP_RATIOS:
+            clipped = (low[rows] * ratio, high[rows] * ratio)
+            scale, zero = _scale_and_zero(*clipped, bits, scheme, dtype)
+            scale = scale.float().unsqueeze(-1)
+            zero = 0.0 if zero is None else zero.unsqueeze(-1)
+            q = (groups / scale + zero).round_().clamp_(q_min, q_max)
+            error = ((q - zero) * scale - groups).square_().sum(-1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_ratio[rows] = torch.where(better, ratio, best_ratio[rows])
+    return best_ratio
 
 
 def _row_blocks(weight: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

@@ -1,0 +1,143 @@
+"""quantcli eval and inspect --against: the figures are the ones a direct computation gives."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cli_checks import assert_one_line_error
+from hypothesis import given
+from hypothesis import strategies as st
+from tiny_models import char_tokenizer
+
+from quantcli import QuantConfig
+from quantcli.models.evaluation import _windows, default_text, evaluate
+from quantcli.models.layer_errors import layer_errors
+from quantcli.models.loading import load_any
+from quantcli.models.source import resolve_model
+from quantcli.models.streaming import quantize_checkpoint
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4
+
+
+def quantized(saved_models, tmp_path, arch="llama", config=None):
+    out = tmp_path / f"{arch}-q"
+    quantize_checkpoint(resolve_model(str(saved_models(arch))), out, config or QuantConfig(bits=4))
+    return out
+
+
+def load(folder):
+    return load_any(resolve_model(str(folder)), dtype=torch.float32)
+
+
+@given(n=st.integers(2, 300), window=st.integers(2, 64), stride=st.integers(1, 64))
+def test_windows_score_every_position_once_with_context(n, window, stride):
+    stride = min(stride, window - 1)  # as evaluate() clamps it
+    scored = []
+    for begin, end, first in _windows(n, window, stride):
+        assert end - begin <= window and begin < first <= end
+        scored.extend(range(first, end))
+    assert scored == list(range(1, n))
+
+
+def test_perplexity_is_the_exponent_of_the_mean_cross_entropy(saved_models):
+    model, tokenizer = load(saved_models("llama")), char_tokenizer()
+    ids = tokenizer(TEXT[:60], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    expected = math.exp(float(F.cross_entropy(logits, ids[0, 1:])))
+    result = evaluate(model, tokenizer, TEXT[:60], text_name="t", model_name="m", window=64)
+    assert result.tokens == ids.shape[1] - 1
+    assert result.perplexity == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_model_against_itself_loses_nothing(saved_models):
+    model, tokenizer = load(saved_models("llama")), char_tokenizer()
+    result = evaluate(
+        model, tokenizer, TEXT, text_name="t", model_name="m", baseline=model, window=32, stride=16
+    )
+    assert result.tokens == len(TEXT) - 1
+    assert result.perplexity == pytest.approx(result.baseline_perplexity)
+    assert result.kl_divergence == pytest.approx(0, abs=1e-6)
+    assert result.top1_agreement == 1.0 and result.delta_perplexity_percent == pytest.approx(0)
+
+
+def test_quantized_model_against_its_original(saved_models, tmp_path):
+    original = load(saved_models("llama"))
+    for config, most_kl in ((QuantConfig(bits=8), 1e-3), (QuantConfig(bits=2, group_size=16), 1)):
+        q = load(quantized(saved_models, tmp_path / str(config.bits), config=config))
+        result = evaluate(
+            q, char_tokenizer(), TEXT, text_name="t", model_name="m", baseline=original, window=64
+        )
+        assert 0 < result.kl_divergence < most_kl
+        assert 0 < result.top1_agreement <= 1
+
+
+def test_encoders_report_cosine_similarity(saved_models, tmp_path):
+    original = load(saved_models("bert"))
+    q = load(quantized(saved_models, tmp_path, "bert", QuantConfig(bits=8)))
+    with pytest.raises(Exception, match="not a causal language model"):
+        evaluate(q, char_tokenizer(), TEXT, text_name="t", model_name="m")
+    result = evaluate(
+        q, char_tokenizer(), TEXT, text_name="t", model_name="m", baseline=original, window=64
+    )
+    assert 0.99 < result.cosine_similarity <= 1.0 + 1e-6 and result.perplexity is None
+
+
+def test_default_text_is_shipped_and_long_enough():
+    name, content = default_text()
+    assert "public domain" in name and len(content) > 100_000
+
+
+def test_layer_errors_match_a_direct_computation(saved_models, tmp_path):
+    out = quantized(saved_models, tmp_path, config=QuantConfig(bits=4, group_size=32))
+    errors = layer_errors(out, resolve_model(str(saved_models("llama"))))
+    assert len(errors) == 14
+    assert [e.relative_error for e in errors] == sorted(
+        (e.relative_error for e in errors), reverse=True
+    )
+    q, original = load(out), load(saved_models("llama"))
+    name = errors[0].name
+    ours = q.get_submodule(name).dequantize_weight(torch.float32)
+    theirs = original.get_submodule(name).weight.detach().float()
+    expected = float((ours - theirs).norm() / theirs.norm())
+    assert errors[0].relative_error == pytest.approx(expected, rel=1e-5)
+    assert errors[0].snr_db == pytest.approx(-20 * math.log10(expected), rel=1e-5)
+
+
+def test_layer_errors_of_gpt2_conv1d_layers(saved_models, tmp_path):
+    out = quantized(saved_models, tmp_path, "gpt2", QuantConfig(bits=8))
+    errors = layer_errors(out, resolve_model(str(saved_models("gpt2"))))
+    assert errors and all(0 < e.relative_error < 0.02 for e in errors)
+
+
+def quantcli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "quantcli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_cli_eval_compares_with_the_recorded_source_and_saves(saved_models, tmp_path):
+    out = quantized(saved_models, tmp_path, config=QuantConfig(bits=2, group_size=16))
+    result = quantcli("eval", out, "--max-tokens", "200", "--window", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["baseline"] == str(saved_models("llama")) and summary["tokens"] == 199
+    assert summary["kl_divergence"] > 0 and summary["window"] == 64
+    saved = json.loads((out / "quantcli_eval.json").read_text())
+    assert saved == summary
+    inspected = json.loads(
+        quantcli("inspect", out, "--json", "--against", saved_models("llama")).stdout
+    )
+    assert inspected["eval"] == summary and len(inspected["layer_errors"]) == 14
+    human = quantcli("inspect", out, "--against", saved_models("llama"))
+    assert "top-1 agreement" in human.stdout and "worst first" in human.stdout
+
+
+def test_cli_eval_bad_input(saved_models, tmp_path):
+    out = quantized(saved_models, tmp_path)
+    assert_one_line_error(quantcli("eval", out, "--text", tmp_path / "nope.txt"), 2, "no such file")
+    assert_one_line_error(quantcli("eval", out, "--baseline", tmp_path / "missing"), 3, "missing")
