@@ -45,6 +45,8 @@ bench: $(VENV)/.smollm2 $(PEERS)/.installed
 	$(PY) scripts/bench_kernels.py
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
 		$(PY) scripts/bench_generate.py --cache $(CACHE)
+	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
+		$(PY) scripts/bench_accuracy.py --cache $(CACHE)
 
 lint: install
 	$(PY) -m ruff check quantcli tests scripts

@@ -8,8 +8,10 @@ with its exit code and no traceback (``--debug`` shows it).
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import shlex
+import signal
 import sys
 from dataclasses import asdict
 from enum import Enum
@@ -19,6 +21,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -793,15 +796,53 @@ def _print_inspect(summary: CheckpointSummary, path: str) -> None:
     stdout.print(totals)
 
 
+class Stopped(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM, raised so that cleanups (temporary folders) run.
+
+    Our own exception rather than KeyboardInterrupt, which Typer turns into a silent exit.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
 def main() -> None:
-    """Console entry point: run the app, turning `QuantcliError` into one line + exit code."""
+    """Console entry point: run the app; every failure ends as one line and an exit code.
+
+    Exit codes: 2 usage, 3 not found or refused, 4 bad checkpoint, 5 out of resources,
+    1 internal error, 130 interrupted, 143 terminated. --debug shows the traceback.
+    """
+    signal.signal(signal.SIGINT, _raise_stopped)
+    signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         app()  # usage errors and --help are handled by Typer, which exits itself
     except QuantcliError as error:
-        if _state["debug"]:
-            raise
-        stderr.print(f"[bold red]Error:[/] {error}", soft_wrap=True)
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        stderr.print("Interrupted.")
-        sys.exit(130)
+        _fail(error, str(error), error.exit_code)
+    except Stopped as error:
+        word = "Interrupted" if error.signum == signal.SIGINT else "Terminated"
+        _fail(error, f"{word}: nothing was left half-written.", 128 + error.signum)
+    except MemoryError as error:
+        _fail(error, "out of memory: close other programs or use a machine with more.", 5)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            _fail(error, "the disk is full: free some space and run again.", 5)
+        _fail(error, f"{first_line(error)}.", 1)
+    except Exception as error:
+        _fail(
+            error,
+            f"internal error ({type(error).__name__}: {first_line(error)}): a bug in quantcli; "
+            "run again with --debug for the traceback and report it.",
+            1,
+        )
+
+
+def _fail(error: BaseException, message: str, code: int) -> None:
+    if _state["debug"]:
+        raise error
+    stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)

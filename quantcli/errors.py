@@ -15,7 +15,11 @@ def first_line(error: Exception) -> str:
 
 
 class QuantcliError(Exception):
-    """Base class: a failure the user can act on."""
+    """Base class: a failure the user can act on.
+
+    Exit codes by class: 2 usage, 3 not found or refused by the Hub, 4 bad checkpoint or
+    tensor, 5 out of resources (disk, memory); 1 is left for internal errors (bugs).
+    """
 
     exit_code = 1
 
@@ -48,3 +52,9 @@ class AuthError(QuantcliError):
     """No token, a token the Hub rejects, or no right to write where asked."""
 
     exit_code = 3
+
+
+class ResourceError(QuantcliError):
+    """Not enough disk space or memory for the job."""
+
+    exit_code = 5

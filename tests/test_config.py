@@ -26,6 +26,7 @@ def test_defaults_follow_the_bit_width():
         ({"granularity": "channel", "group_size": 32}, "only applies to granularity 'group'"),
         ({"group_size": 0}, "must be a positive integer"),
         ({"dtype": torch.int8}, "floating-point"),
+        ({"granularity": "tensor", "optimize": True}, "per channel or per group"),
     ],
 )
 def test_bad_settings_are_refused_with_a_reason(kwargs, message):
@@ -42,3 +43,4 @@ def test_label_names_bits_scheme_and_granularity():
     assert QuantConfig().label == "int8 sym channel"
     assert QuantConfig(bits=4).label == "int4 asym g32"
     assert QuantConfig(bits=2, scheme="sym", granularity="tensor").label == "int2 sym tensor"
+    assert QuantConfig(bits=4, optimize=True).label == "int4 asym g32 +clip"

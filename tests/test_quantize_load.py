@@ -280,3 +280,16 @@ def test_warnings_for_group_misfits_and_conv1d(saved_models, tmp_path):
         "12 layer(s) stayed in float because group_size=128 does not divide their width: "
         "choose a group size that does."
     ]
+
+
+def test_optimized_checkpoint_loads_like_its_in_memory_model_and_records_the_setting(
+    saved_models, tmp_path
+):
+    config = QuantConfig(bits=2, group_size=16, optimize=True)
+    quantize_folder(saved_models("llama"), tmp_path / "q", config)
+    loaded, _ = load_folder(tmp_path / "q")
+    in_memory = build("llama")
+    replace_linear_layers(in_memory, config)
+    assert torch.equal(logits(loaded, "llama"), logits(in_memory, "llama"))
+    _, metadata = read_all_headers(weight_files(tmp_path / "q"))
+    assert json.loads(metadata["quantcli_config"])["optimize"] is True

@@ -8,6 +8,9 @@ large the model. Output goes to a temporary folder beside the target, renamed wh
 
 from __future__ import annotations
 
+import errno
+import glob
+import os
 import resource
 import shutil
 import tempfile
@@ -32,11 +35,12 @@ from quantcli.checkpoint import (
     write_index,
 )
 from quantcli.config import QuantConfig
-from quantcli.errors import CheckpointError, InvalidTensorError, UsageError
+from quantcli.errors import CheckpointError, InvalidTensorError, ResourceError, UsageError
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, card_license, side_files
 from quantcli.nn.qlinear import QuantLinear, compressed_state, quantize_weight
+from quantcli.units import format_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
@@ -137,7 +141,10 @@ def quantize_checkpoint(
     plan = _plan(skeleton, tensors, report.replaced, config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_stale_partials(out)
+    output_bytes = sum(spec.nbytes for item in plan.items for spec in item.specs)
+    _check_free_space(out.parent, output_bytes)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
     shards = plan.shards(max_shard_size)
     try:
         metadata = header_metadata(config, source.model_id, source.revision)
@@ -154,12 +161,16 @@ def quantize_checkpoint(
         for path in side_files(source.folder):
             if path.name != "config.json":
                 shutil.copy2(path, staging / path.name)
-        _move_into_place(staging, out)
-    except BaseException:
+        _move_into_place(staging, out, overwrite)
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceError(
+                f"the disk under {out.parent} filled up while writing; nothing was kept. "
+                "Free some space or choose another --out."
+            ) from None
         raise
 
-    output_bytes = sum(spec.nbytes for item in plan.items for spec in item.specs)
     quantized_items = [item for item in plan.items if item.quantized_params]
     return QuantizeSummary(
         warnings=_warnings(skeleton, report, config),
@@ -295,8 +306,54 @@ def _write_shards(staging, shards, metadata, on_tensor) -> None:
         write_index(staging, weight_map, total)
 
 
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the finished folder onto `out`; an old `out` is removed only afterwards."""
+#: Room kept free beyond the output's size (config, tokenizer, headers, the filesystem's own).
+SPACE_MARGIN = 64 << 20
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    """Refuse up front when the output cannot fit, rather than fail half-way."""
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise ResourceError(
+            f"the output needs about {format_bytes(needed)} but {folder} has "
+            f"{format_bytes(free)} free: free some space or choose another --out."
+        )
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete temporary folders left by runs that were killed (SIGKILL, power loss).
+
+    Their names carry the process id; a folder whose process is gone is garbage, one whose
+    process still runs belongs to a concurrent run and is left alone.
+    """
+    prefix = _partial_prefix(out)
+    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name.removeprefix(prefix).split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder onto `out`; an old `out` is removed only afterwards.
+
+    Without `overwrite`, an `out` that appeared meanwhile (a concurrent run) is kept.
+    """
+    if out.exists() and not overwrite:
+        raise _appeared_meanwhile(out)
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         retired.rmdir()
@@ -304,4 +361,13 @@ def _move_into_place(staging: Path, out: Path) -> None:
         staging.rename(out)
         shutil.rmtree(retired, ignore_errors=True)
     else:
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except OSError:  # created by a concurrent run between the check and the rename
+            raise _appeared_meanwhile(out) from None
+
+
+def _appeared_meanwhile(out: Path) -> UsageError:
+    return UsageError(
+        f"{out} appeared while quantizing (another run?): kept it; pass --overwrite to replace it."
+    )

@@ -1,0 +1,185 @@
+"""Faults while quantizing: full disks, signals, concurrent runs, internal errors.
+
+Each case checks the exit code, the one line on stderr, and what is left on disk: the old
+output or nothing, never a partial folder under the target name."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from cli_checks import assert_one_line_error
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quantcli import QuantConfig, cli
+from quantcli.errors import ResourceError, UsageError
+from quantcli.models import streaming
+from quantcli.models.source import resolve_model
+
+
+def run_main(monkeypatch, capsys, *args):
+    """quantcli's entry point in this process (so faults can be injected): (code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["quantcli", *map(str, args)])
+    monkeypatch.setitem(cli._state, "debug", False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_too_little_free_space_is_refused_before_writing(saved_models, tmp_path, monkeypatch):
+    usage = streaming.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    with pytest.raises(ResourceError, match="needs about .* free"):
+        streaming.quantize_checkpoint(
+            resolve_model(str(saved_models("llama"))), tmp_path / "q", QuantConfig()
+        )
+    assert leftovers(tmp_path) == []
+
+
+def test_disk_full_while_writing_exits_5_and_leaves_nothing(
+    saved_models, tmp_path, monkeypatch, capsys
+):
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(streaming.ShardWriter, "write", full)
+    code, err = run_main(
+        monkeypatch, capsys, "quantize", saved_models("llama"), "--out", tmp_path / "q", "--json"
+    )
+    assert code == 5 and "filled up" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_an_internal_error_is_one_line_with_exit_1(saved_models, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(streaming, "_write_shards", broken)
+    code, err = run_main(
+        monkeypatch, capsys, "quantize", saved_models("llama"), "--out", tmp_path / "q", "--json"
+    )
+    assert code == 1 and "internal error (RuntimeError: something nobody expected)" in err
+    assert "--debug" in err and len(err.strip().splitlines()) == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_an_output_that_appears_meanwhile_is_kept(saved_models, tmp_path, monkeypatch):
+    """A concurrent run finished first: its folder stays, ours is dropped."""
+    out = tmp_path / "q"
+    write_shards = streaming._write_shards
+
+    def racing(*args):
+        write_shards(*args)
+        out.mkdir()
+        (out / "theirs").write_text("x")
+
+    monkeypatch.setattr(streaming, "_write_shards", racing)
+    with pytest.raises(UsageError, match="appeared while quantizing"):
+        streaming.quantize_checkpoint(resolve_model(str(saved_models("llama"))), out, QuantConfig())
+    assert leftovers(tmp_path) == ["q"] and leftovers(out) == ["theirs"]
+
+
+def test_temporary_folders_of_dead_runs_are_removed(saved_models, tmp_path):
+    dead = tmp_path / ".q.partial-999999999-abc"  # no such process
+    alive = tmp_path / f".q.partial-{os.getppid()}-def"  # a running process: left alone
+    dead.mkdir()
+    alive.mkdir()
+    streaming.quantize_checkpoint(
+        resolve_model(str(saved_models("llama"))), tmp_path / "q", QuantConfig()
+    )
+    assert leftovers(tmp_path) == [alive.name, "q"]
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A random Llama big enough (about 130 MB) for a signal to land mid-quantize."""
+    folder = tmp_path_factory.mktemp("slow") / "llama"
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).to_empty(device="cpu").bfloat16().save_pretrained(folder)
+    return folder
+
+
+def start_quantize(source, out):
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantcli", "quantize", str(source), "--out", str(out), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_partial(parent, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.name.startswith(".q.partial-") and any(p.iterdir()) for p in parent.iterdir()):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    raise AssertionError("quantize never started writing")
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "word"),
+    [(signal.SIGINT, 130, "Interrupted"), (signal.SIGTERM, 143, "Terminated")],
+)
+def test_a_signal_mid_write_leaves_nothing(slow_model, tmp_path, sig, code, word):
+    process = start_quantize(slow_model, tmp_path / "q")
+    wait_for_partial(tmp_path, process)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == code and word in err and "Traceback" not in err
+    assert leftovers(tmp_path) == []
+
+
+def test_sigkill_mid_write_then_a_clean_rerun(slow_model, tmp_path):
+    process = start_quantize(slow_model, tmp_path / "q")
+    wait_for_partial(tmp_path, process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert "q" not in leftovers(tmp_path)  # never a partial folder under the target name
+    rerun = start_quantize(slow_model, tmp_path / "q")
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert leftovers(tmp_path) == ["q"]  # the dead run's temporary folder is gone too
+
+
+def test_a_token_never_appears_in_output(saved_models, tmp_path, monkeypatch):
+    secret = "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42"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_TOKEN", secret)
+    runs = [
+        ["quantize", "someone/private-model", "--out", tmp_path / "o", "--token", secret],
+        ["quantize", saved_models("llama"), "--out", tmp_path / "q", f"--token={secret}", "--json"],
+        ["inspect", tmp_path / "q", "--json"],
+    ]
+    for args in runs:
+        result = subprocess.run(
+            [sys.executable, "-m", "quantcli", *map(str, args)], capture_output=True, text=True
+        )
+        assert secret not in result.stdout + result.stderr
+    written = b"".join(p.read_bytes() for p in (tmp_path / "q").iterdir())
+    assert secret.encode() not in written
+    assert_one_line_error(
+        subprocess.run(
+            [sys.executable, "-m", "quantcli", *map(str, runs[0])], capture_output=True, text=True
+        ),
+        3,
+        "someone/private-model",
+    )
