@@ -156,8 +156,9 @@ def weight_files(folder: Path) -> list[Path]:
     )
     if pickles:
         raise CheckpointError(
-            f"{folder} holds only pickle weights ({pickles[0]}), which quantcli does not load: "
-            "they can run code. Convert the model to safetensors first."
+            f"{folder} holds only pickle weights ({pickles[0]}), which can run code when "
+            "loaded: convert the model to safetensors, or pass --allow-pickle to read them "
+            "with torch.load(weights_only=True)."
         )
     raise CheckpointError(f"{folder} holds no safetensors weights.")
 

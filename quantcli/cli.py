@@ -203,6 +203,14 @@ def quantize(
     revision: RevisionOption = None,
     token: TokenOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Read .bin/.pt weights when the model has no safetensors, with "
+            "torch.load(weights_only=True) (tensors only, no code).",
+        ),
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Quantize a checkpoint's linear layers into a compressed-tensors checkpoint.
@@ -222,7 +230,7 @@ def quantize(
         dtype=DTYPES[dtype.value],
         optimize=optimize,
     )
-    source = resolve_model(model, revision, token)
+    source = resolve_model(model, revision, token, allow_pickle)
     with _progress(disable=json_output) as progress:
         task = progress.add_task("Quantizing", total=None)
         summary = quantize_checkpoint(
@@ -235,6 +243,7 @@ def quantize(
             command=_command_line(),
             on_start=lambda total: progress.update(task, total=total),
             on_tensor=lambda name: progress.update(task, advance=1, description=name),
+            allow_pickle=allow_pickle,
         )
     if json_output:
         print(json.dumps(_quantize_json(summary, config, model)))

@@ -191,8 +191,34 @@ def test_already_quantized_input_is_refused(saved_models, tmp_path):
 def test_pickle_only_checkpoint_is_refused(tmp_path):
     build("opt").save_pretrained(tmp_path / "src")
     (tmp_path / "src" / "model.safetensors").rename(tmp_path / "src" / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="only pickle weights"):
+    with pytest.raises(CheckpointError, match="only pickle weights.*--allow-pickle"):
         quantize_folder(tmp_path / "src", tmp_path / "q", QuantConfig())
+
+
+def test_allow_pickle_reads_tensors_only_and_gives_the_same_checkpoint(saved_models, tmp_path):
+    model = build("llama")  # tied embeddings: the pickle shares one tensor between two names
+    model.save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "src" / "pytorch_model.bin")
+    quantize_folder(tmp_path / "src", tmp_path / "q", QuantConfig(), allow_pickle=True)
+    quantize_folder(saved_models("llama"), tmp_path / "ref", QuantConfig())
+    ours, reference = load_folder(tmp_path / "q")[0], load_folder(tmp_path / "ref")[0]
+    assert torch.equal(logits(ours, "llama"), logits(reference, "llama"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ref", "src"]  # no temp left
+
+
+def test_allow_pickle_refuses_code_in_the_pickle(tmp_path):
+    build("opt").save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would be any code",))
+
+    torch.save({"weight": Payload()}, tmp_path / "src" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not a plain tensor checkpoint"):
+        quantize_folder(tmp_path / "src", tmp_path / "q", QuantConfig(), allow_pickle=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 # --- the loader checks the files against the config before using them -------------------

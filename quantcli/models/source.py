@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from quantcli.errors import NotFoundError, first_line
+from quantcli.errors import CheckpointError, NotFoundError, first_line
 
 #: Files besides the weights that travel with a model: configs, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
@@ -34,6 +34,8 @@ SIDE_FILE_PATTERNS = (
 #: The source's model card: read for its license, never copied (it describes the float model).
 CARD_NAME = "README.md"
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+#: Pickle weights, fetched only with --allow-pickle.
+PICKLE_PATTERNS = ("*.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,11 @@ class ModelSource:
     revision: str | None  # the Hub commit, None for a local folder
 
 
-def resolve_model(model: str, revision: str | None = None, token: str | None = None) -> ModelSource:
-    """Find `model` locally, or download its safetensors and side files from the Hub."""
+def resolve_model(
+    model: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False
+) -> ModelSource:
+    """Find `model` locally, or download its safetensors and side files from the Hub
+    (and its pickle weights when `allow_pickle`)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return ModelSource(path.resolve(), model, None)
@@ -56,7 +61,7 @@ def resolve_model(model: str, revision: str | None = None, token: str | None = N
         )
     if _looks_like_a_path(model):
         raise NotFoundError(f"no folder {model}: check the path.")
-    return _download(model, revision, token)
+    return _download(model, revision, token, allow_pickle)
 
 
 def side_files(folder: Path) -> list[Path]:
@@ -90,7 +95,9 @@ def _looks_like_a_path(model: str) -> bool:
     )
 
 
-def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSource:
+def _download(
+    repo_id: str, revision: str | None, token: str | None, allow_pickle: bool
+) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -105,7 +112,12 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSou
             repo_id,
             revision=revision,
             token=token,
-            allow_patterns=[*SIDE_FILE_PATTERNS, *WEIGHT_PATTERNS, CARD_NAME],
+            allow_patterns=[
+                *SIDE_FILE_PATTERNS,
+                *WEIGHT_PATTERNS,
+                CARD_NAME,
+                *(PICKLE_PATTERNS if allow_pickle else ()),
+            ],
         )
     except GatedRepoError:
         raise NotFoundError(
@@ -127,3 +139,39 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSou
         raise NotFoundError(f"the Hub refused to send {repo_id}: {first_line(error)}") from None
     folder = Path(folder)
     return ModelSource(folder, repo_id, folder.name)
+
+
+def safetensors_copy(source: ModelSource, into: Path) -> ModelSource:
+    """`source` with its pickle weights converted to safetensors in the folder `into`.
+
+    Only for --allow-pickle: `torch.load(weights_only=True)` refuses anything but tensors
+    and plain containers, so no code in the files runs. Tensors that share memory (tied
+    weights) are written once, as transformers saves them.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    pickles = sorted(source.folder.glob("*.bin")) + sorted(source.folder.glob("*.pt"))
+    if not pickles:
+        return source
+    for path in pickles:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any unpickling failure is the file's
+            raise CheckpointError(
+                f"{path.name} is not a plain tensor checkpoint ({first_line(error)})."
+            ) from None
+        if not isinstance(state, dict) or not all(
+            isinstance(t, torch.Tensor) for t in state.values()
+        ):
+            raise CheckpointError(f"{path.name} does not hold a state dict of tensors.")
+        seen, tensors = set(), {}
+        for name, tensor in state.items():
+            if tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                tensors[name] = tensor.contiguous()
+        save_file(tensors, into / f"{path.stem}.safetensors", metadata={"format": "pt"})
+    for path in [*side_files(source.folder), source.folder / CARD_NAME]:
+        if path.is_file():
+            (into / path.name).write_bytes(path.read_bytes())
+    return ModelSource(into, source.model_id, source.revision)

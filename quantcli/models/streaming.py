@@ -38,7 +38,7 @@ from quantcli.config import QuantConfig
 from quantcli.errors import CheckpointError, InvalidTensorError, ResourceError, UsageError
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
-from quantcli.models.source import ModelSource, card_license, side_files
+from quantcli.models.source import ModelSource, card_license, safetensors_copy, side_files
 from quantcli.nn.qlinear import QuantLinear, compressed_state, quantize_weight
 from quantcli.units import format_bytes
 
@@ -111,15 +111,32 @@ def quantize_checkpoint(
     command: str | None = None,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
 ) -> QuantizeSummary:
     """Write `source` quantized per `config` to the folder `out`.
 
     `command` (how the user asked for this run) is recorded for the model card. `on_start`
     receives the number of output modules, `on_tensor` each one's name as it is written
-    (for progress bars).
+    (for progress bars). `allow_pickle` converts a pickle-only source to safetensors first
+    (with ``torch.load(weights_only=True)``, in a temporary folder beside `out`).
     """
-    started = time.perf_counter()
     out = out.expanduser().resolve()
+    if allow_pickle and not any(source.folder.glob("*.safetensors")):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.unpickled-", dir=out.parent) as tmp:
+            converted = safetensors_copy(source, Path(tmp))
+            return quantize_checkpoint(
+                converted,
+                out,
+                config,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                trust_remote_code=trust_remote_code,
+                command=command,
+                on_start=on_start,
+                on_tensor=on_tensor,
+            )
+    started = time.perf_counter()
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists: pass --overwrite to replace it.")
     if max_shard_size < 1:
