@@ -5,6 +5,7 @@ output or nothing, never a partial folder under the target name."""
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,3 +184,104 @@ def test_a_token_never_appears_in_output(saved_models, tmp_path, monkeypatch):
         3,
         "someone/private-model",
     )
+
+
+# --- bad input, through the command line: exit code, one line, nothing written ----------
+
+
+def truncated(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def corrupt_header(folder):
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+
+
+def pickle_only(folder):
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+def unknown_architecture(folder):
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+
+
+def nan_weight(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def untouched(folder):
+    pass
+
+
+QUANTIZE_FAULTS = {  # name: (change to a copy of the tiny Llama, extra args, exit code, words)
+    "truncated safetensors": (truncated, [], 4, "model.safetensors"),
+    "corrupt header": (corrupt_header, [], 4, "model.safetensors"),
+    "pickle-only weights": (pickle_only, [], 4, "--allow-pickle"),
+    "unknown architecture": (unknown_architecture, [], 4, "no-such-architecture"),
+    "NaN weight": (nan_weight, [], 4, "model.layers.0.mlp.up_proj.weight: weight contains 1 NaN"),
+    "no linear layer left": (untouched, ["--exclude", "*"], 2, "no linear layer to quantize"),
+    "group size dividing nothing": (
+        untouched,
+        ["--bits", "4", "--group-size", "48"],
+        2,
+        "no linear",
+    ),
+    "optimize per tensor": (
+        untouched,
+        ["--optimize", "--granularity", "tensor"],
+        2,
+        "per channel or per group",
+    ),
+    "shard size unreadable": (untouched, ["--max-shard-size", "huge"], 2, "cannot read the size"),
+}
+
+
+@pytest.mark.parametrize("case", QUANTIZE_FAULTS)
+def test_bad_quantize_input(case, saved_models, tmp_path):
+    change, extra, code, words = QUANTIZE_FAULTS[case]
+    source = tmp_path / "src"
+    shutil.copytree(saved_models("llama"), source)
+    change(source)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantcli",
+            "quantize",
+            str(source),
+            "--out",
+            str(tmp_path / "q"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert_one_line_error(result, code, words)
+    assert leftovers(tmp_path) == ["src"]
+
+
+def test_huge_max_new_tokens_is_capped_with_a_note(saved_models, tmp_path):
+    out = tmp_path / "q"
+    streaming.quantize_checkpoint(resolve_model(str(saved_models("llama"))), out, QuantConfig())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantcli",
+            "generate",
+            str(out),
+            "hi",
+            "--no-chat",
+            "--max-new-tokens",
+            "1000000000",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "capped at 62 new tokens" in result.stderr and "Traceback" not in result.stderr
