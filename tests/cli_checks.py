@@ -1,4 +1,18 @@
-"""Assertions shared by the tests that run quantcli as a user would."""
+"""Helpers shared by the tests that run quantcli as a user would."""
+
+import subprocess
+import sys
+
+
+def run_quantcli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    """`quantcli ARGS...` in a fresh process (paths allowed as arguments), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "quantcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def assert_one_line_error(result, code: int, fragment: str) -> None:

@@ -1,13 +1,10 @@
 """The CLI frame: every command listed, with help that explains it."""
 
-import subprocess
-import sys
+from cli_checks import run_quantcli
 
 
 def quantcli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "quantcli", *args], capture_output=True, text=True, timeout=120
-    )
+    return run_quantcli(*args, timeout=120)
 
 
 def test_help_lists_every_command():

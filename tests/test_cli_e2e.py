@@ -1,21 +1,11 @@
 """The commands as a user runs them: exit codes, one-line errors, JSON summaries."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, run_quantcli
 
-
-def quantcli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "quantcli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+quantcli = run_quantcli
 
 
 def test_quantize_inspect_load(saved_models, tmp_path):

@@ -2,13 +2,11 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, run_quantcli
 from hypothesis import given
 from hypothesis import strategies as st
 from tiny_models import char_tokenizer
@@ -114,10 +112,7 @@ def test_layer_errors_of_gpt2_conv1d_layers(saved_models, tmp_path):
     assert errors and all(0 < e.relative_error < 0.02 for e in errors)
 
 
-def quantcli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "quantcli", *map(str, args)], capture_output=True, text=True
-    )
+quantcli = run_quantcli
 
 
 def test_cli_eval_compares_with_the_recorded_source_and_saves(saved_models, tmp_path):

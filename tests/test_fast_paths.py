@@ -1,11 +1,10 @@
 """What load and generate choose for speed: activation dtype, kernels, layouts, compile."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_checks import run_quantcli
 from tiny_models import char_tokenizer, sample_inputs
 
 from quantcli import QuantConfig
@@ -97,10 +96,7 @@ def test_compiled_decoding_gives_the_same_tokens(checkpoints):
     assert compiled.text == eager.text
 
 
-def quantcli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "quantcli", *map(str, args)], capture_output=True, text=True
-    )
+quantcli = run_quantcli
 
 
 def test_load_verbose_and_json_name_the_kernels(checkpoints):

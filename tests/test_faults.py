@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, run_quantcli
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantcli import QuantConfig, cli
@@ -170,20 +170,12 @@ def test_a_token_never_appears_in_output(saved_models, tmp_path, monkeypatch):
         ["quantize", saved_models("llama"), "--out", tmp_path / "q", f"--token={secret}", "--json"],
         ["inspect", tmp_path / "q", "--json"],
     ]
-    for args in runs:
-        result = subprocess.run(
-            [sys.executable, "-m", "quantcli", *map(str, args)], capture_output=True, text=True
-        )
+    results = [run_quantcli(*args) for args in runs]
+    for result in results:
         assert secret not in result.stdout + result.stderr
     written = b"".join(p.read_bytes() for p in (tmp_path / "q").iterdir())
     assert secret.encode() not in written
-    assert_one_line_error(
-        subprocess.run(
-            [sys.executable, "-m", "quantcli", *map(str, runs[0])], capture_output=True, text=True
-        ),
-        3,
-        "someone/private-model",
-    )
+    assert_one_line_error(results[0], 3, "someone/private-model")
 
 
 # --- bad input, through the command line: exit code, one line, nothing written ----------
@@ -247,20 +239,7 @@ def test_bad_quantize_input(case, saved_models, tmp_path):
     source = tmp_path / "src"
     shutil.copytree(saved_models("llama"), source)
     change(source)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "quantcli",
-            "quantize",
-            str(source),
-            "--out",
-            str(tmp_path / "q"),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_quantcli("quantize", source, "--out", tmp_path / "q", *extra)
     assert_one_line_error(result, code, words)
     assert leftovers(tmp_path) == ["src"]
 
@@ -268,20 +247,6 @@ def test_bad_quantize_input(case, saved_models, tmp_path):
 def test_huge_max_new_tokens_is_capped_with_a_note(saved_models, tmp_path):
     out = tmp_path / "q"
     streaming.quantize_checkpoint(resolve_model(str(saved_models("llama"))), out, QuantConfig())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "quantcli",
-            "generate",
-            str(out),
-            "hi",
-            "--no-chat",
-            "--max-new-tokens",
-            "1000000000",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = run_quantcli("generate", out, "hi", "--no-chat", "--max-new-tokens", "1000000000")
     assert result.returncode == 0, result.stderr
     assert "capped at 62 new tokens" in result.stderr and "Traceback" not in result.stderr

@@ -3,10 +3,8 @@
 import contextlib
 import json
 import struct
-import subprocess
-import sys
 
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, run_quantcli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -104,9 +102,4 @@ def test_header_reader_and_summary_refuse_junk_cleanly(data, tmp_path):
 def test_inspect_on_random_bytes_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "model.safetensors").write_bytes(b"\x93NUMPY junk that is no safetensors")
-    result = subprocess.run(
-        [sys.executable, "-m", "quantcli", "inspect", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
-    assert_one_line_error(result, 4, "model.safetensors")
+    assert_one_line_error(run_quantcli("inspect", tmp_path), 4, "model.safetensors")
