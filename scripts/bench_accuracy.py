@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_generate import installed
+from bench_generate import checkpoint_path, installed, quanto_model
 from rich.console import Console
 from rich.table import Table
 from smollm2 import smollm2_folder
@@ -60,19 +60,10 @@ class Remembered(torch.nn.Module):
 
 def quantized(folder: Path, config: QuantConfig, cache: Path) -> tuple[Path, float]:
     """A fresh checkpoint of `config`, and the seconds quantizing took."""
-    out = cache / "bench" / f"{folder.name}-{config.label.replace(' ', '-')}"
+    out = checkpoint_path(folder, config, cache)
     started = time.perf_counter()
     quantize_checkpoint(resolve_model(str(folder)), out, config, overwrite=True)
     return out, time.perf_counter() - started
-
-
-def quanto(folder: Path, bits: int):
-    from optimum.quanto import freeze, qint4, qint8, quantize
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    quantize(model, weights=qint8 if bits == 8 else qint4, exclude=["lm_head"])
-    freeze(model)
-    return model
 
 
 def main() -> None:
@@ -99,8 +90,8 @@ def main() -> None:
             folder, config, args.cache
         )
     if installed("optimum.quanto"):
-        variants["quanto int8"] = lambda: (quanto(folder, 8), None)
-        variants["quanto int4"] = lambda: (quanto(folder, 4), None)
+        variants["quanto int8"] = lambda: (quanto_model(folder, 8, "cpu", torch.float32), None)
+        variants["quanto int4"] = lambda: (quanto_model(folder, 4, "cpu", torch.float32), None)
 
     table = Table(
         "variant",

@@ -40,17 +40,22 @@ def float_model(folder: Path, dtype: torch.dtype, device: str):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
+def checkpoint_path(folder: Path, config: QuantConfig, cache: Path) -> Path:
+    """Where the benchmarks keep `folder` quantized with `config`."""
+    return cache / "bench" / f"{folder.name}-{config.label.replace(' ', '-')}"
+
+
 def quantcli_model(folder: Path, config: QuantConfig, cache: Path, device: str):
-    out = cache / "bench" / f"{folder.name}-{config.label.replace(' ', '-')}"
+    out = checkpoint_path(folder, config, cache)
     if not (out / "config.json").exists():
         quantize_checkpoint(resolve_model(str(folder)), out, config, overwrite=True)
     return quantcli.load(str(out), device=device, dtype=torch.bfloat16)
 
 
-def quanto_model(folder: Path, bits: int, device: str):
+def quanto_model(folder: Path, bits: int, device: str, dtype: torch.dtype = torch.bfloat16):
     from optimum.quanto import freeze, qint4, qint8, quantize
 
-    model = float_model(folder, torch.bfloat16, device)
+    model = float_model(folder, dtype, device)
     quantize(model, weights=qint8 if bits == 8 else qint4, exclude=["lm_head"])
     freeze(model)
     return model
