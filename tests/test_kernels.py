@@ -6,8 +6,6 @@ import torch
 
 from quantcli import QuantConfig, QuantLinear
 from quantcli.nn.kernels import KERNELS, PREFILL_MIN_M, select_kernel
-from quantcli.nn.qlinear import packs_zero_point
-from quantcli.tensor.packing import unpack_int32
 from quantcli.tensor.quantize import dequantize
 
 
@@ -41,11 +39,9 @@ def assert_agrees(out, layer, x):
 def weight_terms(layer):
     """``|s*q| + |s*z|`` per weight: the size of what a kernel adds up for one weight."""
     weight = layer.dequantize_weight(torch.float32)
-    zero = getattr(layer, "weight_zero_point", None)
+    _, zero = layer.integers()
     if zero is None:
         return weight.abs()
-    if packs_zero_point(layer.config):
-        zero = unpack_int32(zero, layer.config.bits, layer.out_features, dim=0)
     offset = dequantize(torch.zeros_like(weight, dtype=torch.int8), layer.weight_scale, zero)
     return (weight - offset.float()).abs() + offset.float().abs()  # offset = -s*z
 

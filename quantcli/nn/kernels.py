@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from quantcli.config import Granularity
-from quantcli.tensor.packing import unpack_int32
 
 #: On CPU, from this many rows of activations (tokens) an fp32 matmul beats the fused kernels.
 PREFILL_MIN_M = 32
@@ -107,11 +106,7 @@ def preferred_dtype(config, device: str) -> torch.dtype:
 
 def kernel_plan(model: torch.nn.Module, device: str, dtype: torch.dtype, rows: int) -> Counter:
     """How many quantized layers of `model` each kernel serves for `rows` tokens."""
-    return Counter(
-        choose_kernel(module, device, dtype, rows)
-        for module in model.modules()
-        if hasattr(module, "weight_scale") and hasattr(module, "config")
-    )
+    return Counter(choose_kernel(layer, device, dtype, rows) for layer in _quantized_layers(model))
 
 
 def prepare_kernels(model: torch.nn.Module, device: str, dtype: torch.dtype) -> None:
@@ -120,10 +115,14 @@ def prepare_kernels(model: torch.nn.Module, device: str, dtype: torch.dtype) -> 
     Done at load time so that the first token does not pay for it, and so that a compiled
     decode step finds them ready instead of retracing around the cache.
     """
-    for module in model.modules():
-        is_packed_layer = hasattr(module, "weight_packed") and hasattr(module, "config")
-        if is_packed_layer and choose_kernel(module, device, dtype, 1) == "int4pack":
-            int4pack_weight(module)
+    for layer in _quantized_layers(model):
+        if choose_kernel(layer, device, dtype, 1) == "int4pack":
+            int4pack_weight(layer)
+
+
+def _quantized_layers(model: torch.nn.Module):
+    """The `QuantLinear`s of a model (known by their buffers: qlinear imports this module)."""
+    return (m for m in model.modules() if hasattr(m, "weight_scale") and hasattr(m, "config"))
 
 
 def _int8pack_fits(layer) -> bool:
@@ -206,18 +205,15 @@ def int4pack_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
     cached = layer.__dict__.get("_int4pack")
     if cached is not None and cached[0] is layer.weight_packed:
         return cached[1], cached[2]
-    unsigned = unpack_int32(layer.weight_packed, 4, layer.in_features).to(torch.int32) + 8
+    signed, zero_point = layer.integers()
+    unsigned = signed.to(torch.int32) + 8
     if layer.weight_packed.device.type == "cpu":
         packed = torch._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 2)
     else:
         nibbles = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8)
         packed = torch._convert_weight_to_int4pack(nibbles.contiguous(), CUDA_INNER_K_TILES)
     scale = layer.weight_scale.float()
-    zero_point = getattr(layer, "weight_zero_point", None)
-    if zero_point is None:
-        zero = torch.zeros_like(scale)
-    else:
-        zero = -scale * unpack_int32(zero_point, 4, layer.out_features, dim=0).float()
+    zero = torch.zeros_like(scale) if zero_point is None else -scale * zero_point.float()
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
     scales_and_zeros = scales_and_zeros.to(torch.bfloat16)  # (groups, out, 2)
     layer.__dict__["_int4pack"] = (layer.weight_packed, packed, scales_and_zeros)

@@ -92,6 +92,11 @@ class QuantLinear(nn.Module):
         self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The float weight ``(out, in)`` these integers stand for (written into `out`)."""
+        qdata, zero = self.integers()
+        return dequantize(qdata, self.weight_scale, zero, dtype, out)
+
+    def integers(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The int8 values ``(out, in)`` and zero points (None when symmetric), unpacked."""
         bits = self.config.bits
         if self.config.packed:
             qdata = unpack_int32(self.weight_packed, bits, self.in_features)
@@ -100,7 +105,7 @@ class QuantLinear(nn.Module):
         zero = getattr(self, "weight_zero_point", None)
         if zero is not None and packs_zero_point(self.config):
             zero = unpack_int32(zero, bits, self.out_features, dim=0)
-        return dequantize(qdata, self.weight_scale, zero, dtype, out)
+        return qdata, zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return KERNELS[select_kernel(self, x)](self, x)
