@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 CACHE ?= .cache
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo bench docs cli-reference figures lint format clean
 
 install: $(STAMP)
 
@@ -48,6 +48,23 @@ bench: $(VENV)/.smollm2 $(PEERS)/.installed
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
 		$(PY) scripts/bench_accuracy.py --cache $(CACHE)
 
+# The documentation site (mkdocs, material theme): warnings are errors, and a stale
+# command-line reference fails the build (`make cli-reference` regenerates it).
+$(VENV)/.docs: $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	$(PY) scripts/cli_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+cli-reference: install
+	$(PY) scripts/cli_reference.py
+
+# The guide's figures, drawn from a real SmolLM2 layer (docs/images/*.png).
+figures: $(VENV)/.smollm2 $(VENV)/.docs
+	$(PY) scripts/docs_figures.py --cache $(CACHE)
+
 lint: install
 	$(PY) -m ruff check quantcli tests scripts
 	$(PY) -m ruff format --check quantcli tests scripts
@@ -57,4 +74,4 @@ format: install
 	$(PY) -m ruff check --fix quantcli tests scripts
 
 clean:
-	rm -rf $(VENV) $(CACHE) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(CACHE) site .pytest_cache .ruff_cache .hypothesis

@@ -37,6 +37,7 @@ from quantcli.models.loading import load_any, load_quantized, sanity_forward, su
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import QuantizeSummary, quantize_checkpoint
 from quantcli.nn.kernels import kernel_plan
+from quantcli.plots import check_plot_path, plot_evaluations, plot_layer_errors
 from quantcli.units import format_bytes, parse_size
 
 app = typer.Typer(
@@ -343,12 +344,24 @@ def inspect(
             show_default=False,
         ),
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --against: also draw the errors as a bar chart, one colour per layer "
+            "type, into this .png/.svg/.pdf (needs matplotlib: pip install 'quantcli[plot]').",
+            show_default=False,
+        ),
+    ] = None,
     revision: RevisionOption = None,
     token: TokenOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Show what a checkpoint holds, layer by layer, from its headers only."""
+    if plot is not None:
+        if against is None:
+            raise UsageError("--plot draws each layer's error: add --against ORIGINAL.")
+        plot = check_plot_path(plot)
     source = resolve_model(path, revision, token)
     summary = summarize_folder(source.folder)
     errors = None
@@ -363,6 +376,8 @@ def inspect(
                 on_start=lambda total: progress.update(task, total=total),
                 on_layer=lambda name: progress.update(task, advance=1, description=name),
             )
+        if plot is not None:
+            plot_layer_errors(errors, plot, f"{path}: error of each layer against {against}")
     evaluation = read_eval(source.folder)
     if json_output:
         result = _inspect_json(summary)
@@ -377,6 +392,8 @@ def inspect(
         _print_eval(evaluation)
     if errors is not None:
         _print_layer_errors(errors, against)
+    if plot is not None:
+        stderr.print(f"Plot: {plot}")
 
 
 @app.command(
@@ -439,10 +456,18 @@ def push(
     "eval",
     epilog="Examples:\n\n`quantcli eval ./smollm2-int4`\n\n"
     "`quantcli eval ./smollm2-int4 --baseline HuggingFaceTB/SmolLM2-135M-Instruct "
-    "--max-tokens 4096`\n\n`quantcli eval ./bert-int8 --baseline ./bert --text notes.txt --json`",
+    "--max-tokens 4096`\n\n`quantcli eval ./smollm2-int8 ./smollm2-int4 --plot ppl.png`\n\n"
+    "`quantcli eval ./bert-int8 --baseline ./bert --text notes.txt --json`",
 )
 def evaluate_command(
-    model: Annotated[str, typer.Argument(help="Model to score: quantized checkpoint or float.")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Models to score, one after the other: quantized checkpoints or float "
+            "(folders or Hub ids).",
+            show_default=False,
+        ),
+    ],
     baseline: Annotated[
         str | None,
         typer.Option(
@@ -451,7 +476,9 @@ def evaluate_command(
             show_default=False,
         ),
     ] = None,
-    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Score MODEL alone.")] = False,
+    no_baseline: Annotated[
+        bool, typer.Option("--no-baseline", help="Score the models alone.")
+    ] = False,
     text: Annotated[
         Path | None,
         typer.Option(
@@ -476,6 +503,14 @@ def evaluate_command(
         ),
     ] = DtypeChoice.fp32,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw each model's perplexity (against the baseline's) and size into this "
+            ".png/.svg/.pdf (needs matplotlib: pip install 'quantcli[plot]').",
+            show_default=False,
+        ),
+    ] = None,
     save: Annotated[
         bool,
         typer.Option(
@@ -490,54 +525,72 @@ def evaluate_command(
     """Measure what quantization cost: perplexity, and against the float model ΔPPL, KL
     divergence and top-1 agreement (cosine similarity of the outputs for encoders).
 
-    The result is saved in the checkpoint folder (quantcli_eval.json), where `inspect`
-    shows it and `push` puts it on the model card.
+    Each result is saved in its checkpoint folder (quantcli_eval.json), where `inspect`
+    shows it and `push` puts it on the model card. With several models, `--json` prints
+    one JSON object per line.
     """
-    source = resolve_model(model, revision, token)
-    run_dtype = _run_dtype(dtype)
-    scored = load_any(source, device, run_dtype, trust_remote_code)
-    tokenizer = load_tokenizer(source.folder)
+    if plot is not None:
+        plot = check_plot_path(plot)
     if text is None:
         text_name, content = default_text()
     else:
         text_name, content = text.name, _read_text(text)
-    baseline_name = None if no_baseline else baseline or _recorded_source(source.folder)
-    reference = None
-    if baseline_name is not None:
-        try:
-            reference = load_any(
-                resolve_model(baseline_name, None, token), device, run_dtype, trust_remote_code
+    run_dtype = _run_dtype(dtype)
+    baselines: dict[str, torch.nn.Module] = {}  # loaded once, shared by the models
+    results = []
+    for model in models:
+        source = resolve_model(model, revision, token)
+        summary = summarize_folder(source.folder)
+        recorded = summary.metadata.get("source_model") or None
+        baseline_name = None if no_baseline else baseline or recorded
+        if baseline_name is not None and baseline_name not in baselines:
+            try:
+                baselines[baseline_name] = load_any(
+                    resolve_model(baseline_name, None, token),
+                    device,
+                    run_dtype,
+                    trust_remote_code,
+                )
+            except NotFoundError as error:
+                if baseline is not None:
+                    raise
+                stderr.print(f"(no baseline: the recorded source is not reachable: {error})")
+                baseline_name = None
+        scored = load_any(source, device, run_dtype, trust_remote_code)
+        with _progress(disable=json_output) as progress:
+            task = progress.add_task(f"Scoring {model}", total=None)
+            result = evaluate(
+                scored,
+                load_tokenizer(source.folder),
+                content,
+                text_name=text_name,
+                model_name=model,
+                baseline=baselines.get(baseline_name),
+                baseline_name=baseline_name,
+                window=window,
+                stride=stride,
+                max_tokens=max_tokens,
+                on_start=lambda total, task=task: progress.update(task, total=total),
+                on_window=lambda task=task: progress.update(task, advance=1),
             )
-        except NotFoundError as error:
-            if baseline is not None:
-                raise
-            stderr.print(f"(no baseline: the recorded source is not reachable: {error})")
-            baseline_name = None
-    with _progress(disable=json_output) as progress:
-        task = progress.add_task("Scoring windows", total=None)
-        result = evaluate(
-            scored,
-            tokenizer,
-            content,
-            text_name=text_name,
-            model_name=model,
-            baseline=reference,
-            baseline_name=baseline_name,
-            window=window,
-            stride=stride,
-            max_tokens=max_tokens,
-            on_start=lambda total: progress.update(task, total=total),
-            on_window=lambda: progress.update(task, advance=1),
+        del scored
+        result.scheme = summary.config.label if summary.config else summary.kind
+        result.size_bytes = summary.total_bytes
+        results.append(result.to_dict())
+        saved = (
+            save_result(source.folder, result)
+            if save and Path(model).expanduser().is_dir()
+            else None
         )
-    saved = None
-    if save and Path(model).expanduser().is_dir():
-        saved = save_result(source.folder, result)
-    if json_output:
-        print(json.dumps(result.to_dict()))
-        return
-    _print_eval(result.to_dict())
-    if saved is not None:
-        stderr.print(f"Saved to {saved}")
+        if json_output:
+            print(json.dumps(results[-1]), flush=True)
+            continue
+        _print_eval(results[-1])
+        if saved is not None:
+            stderr.print(f"Saved to {saved}")
+    if plot is not None:
+        plot_evaluations(results, plot)
+        stderr.print(f"Plot: {plot}")
 
 
 def _read_text(path: Path) -> str:
@@ -549,11 +602,6 @@ def _read_text(path: Path) -> str:
         raise UsageError(
             f"--text {path} is not readable UTF-8 text ({first_line(error)})."
         ) from None
-
-
-def _recorded_source(folder: Path) -> str | None:
-    """The float model a quantcli checkpoint was made from, as its metadata records it."""
-    return summarize_folder(folder).metadata.get("source_model") or None
 
 
 def _print_eval(result: dict) -> None:

@@ -46,6 +46,8 @@ class EvalResult:
     kl_divergence: float | None = None  # mean KL(baseline || model) per token, in nats
     top1_agreement: float | None = None  # share of positions with the same likeliest token
     cosine_similarity: float | None = None  # encoders: mean over tokens of the outputs'
+    scheme: str | None = None  # "int4 asym g32", or "float": what was scored, for plots
+    size_bytes: int | None = None  # the scored model's weights on disk
 
     @property
     def delta_perplexity(self) -> float | None:
