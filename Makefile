@@ -40,13 +40,13 @@ $(PEERS)/.installed: $(STAMP)
 	touch $@
 
 bench: $(VENV)/.smollm2 $(PEERS)/.installed
-	$(PY) scripts/bench.py --cache $(CACHE)
-	$(PY) scripts/bench_memory.py --cache $(CACHE)
-	$(PY) scripts/bench_kernels.py
+	$(PY) scripts/bench.py --cache $(CACHE) --docs
+	$(PY) scripts/bench_memory.py --cache $(CACHE) --docs
+	$(PY) scripts/bench_kernels.py --docs
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
-		$(PY) scripts/bench_generate.py --cache $(CACHE)
+		$(PY) scripts/bench_generate.py --cache $(CACHE) --docs
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
-		$(PY) scripts/bench_accuracy.py --cache $(CACHE)
+		$(PY) scripts/bench_accuracy.py --cache $(CACHE) --docs
 
 # The documentation site (mkdocs, material theme): warnings are errors, and a stale
 # command-line reference fails the build (`make cli-reference` regenerates it).

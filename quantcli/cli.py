@@ -606,6 +606,10 @@ def _read_text(path: Path) -> str:
 
 def _print_eval(result: dict) -> None:
     table = Table(show_header=False, box=None, title="evaluation")
+    table.add_row(
+        "model",
+        f"{result['model']} ({result['scheme']})" if "scheme" in result else result["model"],
+    )
     table.add_row("text", f"{result['text']}: {result['tokens']} tokens scored")
     table.add_row("windows", f"{result['window']} tokens, stride {result['stride']}")
     table.add_row("activations", result["dtype"])

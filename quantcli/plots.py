@@ -20,6 +20,8 @@ FORMATS = (".png", ".svg", ".pdf")
 
 def check_plot_path(path: Path) -> Path:
     """Refuse a path that cannot be written, or a missing matplotlib, before any work."""
+    if path.expanduser().is_dir():
+        raise UsageError(f"--plot {path} is a folder: name a file inside it, e.g. {path}/plot.png.")
     if path.suffix.lower() not in FORMATS:
         raise UsageError(f"--plot {path}: name a {', '.join(FORMATS)} file, e.g. errors.png.")
     if not path.parent.expanduser().is_dir():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_markdown
 from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
@@ -78,6 +79,7 @@ def round_trip_row(label, weights, bits, scheme, granularity, group_size):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser.add_argument("--docs", action="store_true", help="also write docs/generated/*.md")
     args = parser.parse_args()
     console = Console(width=200)
     torch.manual_seed(0)
@@ -85,13 +87,15 @@ def main() -> None:
         "Gaussian 4096x4096 (bf16)": [torch.randn(4096, 4096).bfloat16()],
         "SmolLM2-135M linear layers (bf16)": smollm2_linear_weights(args.cache),
     }
-    for source, weights in sources.items():
+    for index, (source, weights) in enumerate(sources.items()):
         table = Table(title=f"Round trip: {source}, {len(weights)} tensors")
         for column in ("scheme", "rel. error", "max error / step", "bits/weight", "time"):
             table.add_column(column)
         for label, *spec in SCHEMES:
             table.add_row(*round_trip_row(label, weights, *spec))
         console.print(table)
+        if args.docs:
+            write_markdown(table, f"round-trip-{index}", "")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from bench_generate import checkpoint_path, installed, quanto_model
+from report import write_markdown
 from rich.console import Console
 from rich.table import Table
 from smollm2 import smollm2_folder
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--only", nargs="+", help="variant names to run (default: all)")
+    parser.add_argument("--docs", action="store_true", help="also write docs/generated/*.md")
     args = parser.parse_args()
     console = Console(width=160)
     folder = smollm2_folder(args.cache)
@@ -147,6 +149,12 @@ def main() -> None:
         del model
         gc.collect()
     console.print(table)
+    if args.docs:
+        write_markdown(
+            table,
+            "accuracy",
+            f"{baseline_row[1]} tokens scored per variant." if baseline_row else "",
+        )
     if baseline_row:
         console.print(f"{baseline_row[1]} tokens scored per variant.")
 

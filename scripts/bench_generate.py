@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from bench_memory import synthetic_llama
+from report import write_markdown
 from rich.console import Console
 from rich.table import Table
 from smollm2 import smollm2_folder
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--only", nargs="+", help="variant names to run (default: all)")
+    parser.add_argument("--docs", action="store_true", help="also write docs/generated/*.md")
     args = parser.parse_args()
     if args.model == "smollm2":
         folder = smollm2_folder(args.cache)
@@ -177,6 +179,12 @@ def main() -> None:
             f"{prefill / base_prefill:.2f}",
         )
     console.print(table)
+    if args.docs:
+        write_markdown(
+            table,
+            f"generate-{args.model}-{args.device}",
+            f"{args.new_tokens} new tokens (decode), {args.prompt_tokens}-token prompt (prefill).",
+        )
 
 
 if __name__ == "__main__":

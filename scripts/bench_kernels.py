@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from report import write_markdown
 from rich.console import Console
 from rich.table import Table
 
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 128, 512])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--budget", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--docs", action="store_true", help="also write docs/generated/*.md")
     args = parser.parse_args()
     device = args.device
     torch.manual_seed(0)
@@ -119,6 +121,12 @@ def main() -> None:
                 )
             table.add_section()
     console.print(table)
+    if args.docs:
+        write_markdown(
+            table,
+            f"kernels-{device}",
+            f"Copy bandwidth {bandwidth / 1e9:.1f} GB/s; {torch.get_num_threads()} threads.",
+        )
 
 
 def _accepts(layer: QuantLinear, kernel: str) -> bool:

