@@ -538,8 +538,8 @@ def evaluate_command(
     run_dtype = _run_dtype(dtype)
     baselines: dict[str, torch.nn.Module] = {}  # loaded once, shared by the models
     results = []
-    for model in models:
-        source = resolve_model(model, revision, token)
+    sources = [resolve_model(model, revision, token) for model in models]  # fail before work
+    for model, source in zip(models, sources, strict=True):
         summary = summarize_folder(source.folder)
         recorded = summary.metadata.get("source_model") or None
         baseline_name = None if no_baseline else baseline or recorded

@@ -92,6 +92,13 @@ def test_plot_bad_input_is_refused_before_any_work(saved_models, tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_eval_checks_every_model_before_scoring_any(saved_models, tmp_path):
+    out = quantized(saved_models, tmp_path, 8)
+    result = run_quantcli("eval", out, tmp_path / "missing", "--max-tokens", "50")
+    assert_one_line_error(result, 3, "missing")
+    assert not (out / "quantcli_eval.json").exists()
+
+
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
     script = (
         "import sys; sys.modules['matplotlib'] = None; "
