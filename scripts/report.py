@@ -40,12 +40,12 @@ def machine() -> str:
 def write_markdown(table: Table, name: str, note: str = "") -> Path:
     """Write a rich table as docs/generated/NAME.md (sections and styles dropped)."""
     headers = [str(column.header) for column in table.columns]
-    cells = [[str(cell) for cell in column._cells] for column in table.columns]
+    cells = [[_markdown_cell(str(cell)) for cell in column._cells] for column in table.columns]
     lines = [f"*{machine()}*", ""]
     if table.title:
         lines += [f"**{table.title}**", ""]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row).replace("→ ", "") + " |" for row in zip(*cells, strict=True)]
+    lines += ["| " + " | ".join(row) + " |" for row in zip(*cells, strict=True)]
     if note:
         lines += ["", note]
     GENERATED.mkdir(exist_ok=True)
@@ -53,3 +53,9 @@ def write_markdown(table: Table, name: str, note: str = "") -> Path:
     path.write_text("\n".join(lines) + "\n", "utf-8")
     print(f"Wrote {path}")
     return path
+
+
+def _markdown_cell(cell: str) -> str:
+    """A cell the terminal marks as chosen ("→ int8 int8pack") becomes bold in Markdown."""
+    cell = cell.replace("|", "\\|")
+    return f"**{cell[2:]}** (chosen)" if cell.startswith("→ ") else cell.strip()
