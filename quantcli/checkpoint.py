@@ -21,7 +21,7 @@ import json
 import math
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -395,6 +395,8 @@ def summarize(folder: Path, raw_quantization_config: object) -> CheckpointSummar
         check_format_version(metadata, str(folder))
         config, _ = parse_quantization_config(raw_quantization_config)
         kind = "quantcli" if "quantcli_version" in metadata else "compressed-tensors"
+        if _recorded_optimize(metadata):
+            config = replace(config, optimize=True)
     else:
         method = getattr(raw_quantization_config, "get", lambda _: None)("quant_method")
         kind = f"other:{method}"
@@ -411,6 +413,16 @@ def summarize(folder: Path, raw_quantization_config: object) -> CheckpointSummar
     listed = sum(layer.nbytes for layer in layers)
     total = sum(info.nbytes for info in tensors.values())
     return CheckpointSummary(kind, config, layers, total - listed, total, len(files), metadata)
+
+
+def _recorded_optimize(metadata: dict[str, str]) -> bool:
+    """Whether quantcli's metadata says the clipping search made these integers (the
+    compressed-tensors config cannot say it: the layout is the same)."""
+    try:
+        recorded = json.loads(metadata.get("quantcli_config", "{}"))
+    except ValueError:
+        return False
+    return isinstance(recorded, dict) and recorded.get("optimize") is True
 
 
 def _layer_summary(

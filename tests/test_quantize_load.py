@@ -11,7 +11,7 @@ from tiny_models import AUTO_CLASS, CONFIGS, build, logits
 from quantcli import QuantConfig, replace_linear_layers
 from quantcli.checkpoint import FORMAT_VERSION, INDEX_NAME, read_all_headers, weight_files
 from quantcli.errors import CheckpointError, InvalidTensorError, UsageError
-from quantcli.models.loading import load_quantized
+from quantcli.models.loading import load_quantized, summarize_folder
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import quantize_checkpoint
 
@@ -319,3 +319,4 @@ def test_optimized_checkpoint_loads_like_its_in_memory_model_and_records_the_set
     assert torch.equal(logits(loaded, "llama"), logits(in_memory, "llama"))
     _, metadata = read_all_headers(weight_files(tmp_path / "q"))
     assert json.loads(metadata["quantcli_config"])["optimize"] is True
+    assert summarize_folder(tmp_path / "q").config.label == "int2 asym g16 +clip"  # inspect, eval
