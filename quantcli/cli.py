@@ -34,7 +34,7 @@ from quantcli.models.evaluation import default_text, evaluate, save_result
 from quantcli.models.generation import generate_text, load_tokenizer
 from quantcli.models.layer_errors import layer_errors
 from quantcli.models.loading import load_any, load_quantized, sanity_forward, summarize_folder
-from quantcli.models.source import resolve_model
+from quantcli.models.source import expand_model_folders, resolve_model
 from quantcli.models.streaming import QuantizeSummary, quantize_checkpoint
 from quantcli.nn.kernels import kernel_plan
 from quantcli.plots import check_plot_path, plot_evaluations, plot_layer_errors
@@ -457,6 +457,7 @@ def push(
     epilog="Examples:\n\n`quantcli eval ./smollm2-int4`\n\n"
     "`quantcli eval ./smollm2-int4 --baseline HuggingFaceTB/SmolLM2-135M-Instruct "
     "--max-tokens 4096`\n\n`quantcli eval ./smollm2-int8 ./smollm2-int4 --plot ppl.png`\n\n"
+    "`quantcli eval ./quantized/ --plot ppl.png` (every checkpoint in the folder)\n\n"
     "`quantcli eval ./bert-int8 --baseline ./bert --text notes.txt --json`",
 )
 def evaluate_command(
@@ -464,7 +465,7 @@ def evaluate_command(
         list[str],
         typer.Argument(
             help="Models to score, one after the other: quantized checkpoints or float "
-            "(folders or Hub ids).",
+            "(folders or Hub ids). A folder of checkpoint folders stands for all of them.",
             show_default=False,
         ),
     ],
@@ -538,6 +539,7 @@ def evaluate_command(
     run_dtype = _run_dtype(dtype)
     baselines: dict[str, torch.nn.Module] = {}  # loaded once, shared by the models
     results = []
+    models = expand_model_folders(models)
     sources = [resolve_model(model, revision, token) for model in models]  # fail before work
     for model, source in zip(models, sources, strict=True):
         summary = summarize_folder(source.folder)

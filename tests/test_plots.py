@@ -53,6 +53,17 @@ def test_eval_several_models_and_plot(saved_models, tmp_path):
     assert_picture(plot)
 
 
+def test_eval_of_a_folder_takes_every_checkpoint_in_it(saved_models, tmp_path):
+    for bits in (8, 2):
+        quantized(saved_models, tmp_path / "runs", bits)
+    result = run_quantcli(
+        "eval", tmp_path / "runs", "--max-tokens", "100", "--window", "64", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    models = [json.loads(line)["model"] for line in result.stdout.splitlines()]
+    assert models == [str(tmp_path / "runs" / f"llama-int{bits}") for bits in (2, 8)]
+
+
 def test_inspect_against_plot(saved_models, tmp_path):
     out = quantized(saved_models, tmp_path, 4)
     plot = tmp_path / "errors.png"

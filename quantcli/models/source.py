@@ -64,6 +64,29 @@ def resolve_model(
     return _download(model, revision, token, allow_pickle)
 
 
+def expand_model_folders(models: list[str]) -> list[str]:
+    """Each name as given, except a local folder holding no model but model folders (say
+    ./out/ with int8/ and int4/ inside): those, in name order. Lets one call take every
+    scheme quantized into a folder."""
+    expanded = []
+    for model in models:
+        inner = _model_subfolders(Path(model).expanduser())
+        if inner:
+            expanded.extend(str(folder) for folder in inner)
+        else:
+            expanded.append(model)
+    return expanded
+
+
+def _model_subfolders(folder: Path) -> list[Path]:
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return []
+    try:
+        return sorted(child for child in folder.iterdir() if (child / "config.json").is_file())
+    except OSError:
+        return []  # resolve_model then names the problem
+
+
 def side_files(folder: Path) -> list[Path]:
     """The non-weight files of a model folder to copy next to a quantized checkpoint."""
     return sorted(
