@@ -6,13 +6,12 @@ so an interrupted run never leaves half a PNG behind.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from quantcli.errors import UsageError
+from quantcli.files import atomic_path
 from quantcli.units import format_bytes
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -132,17 +131,10 @@ def _pyplot():
 def _save(figure, path: Path) -> Path:
     """Render into a temporary file beside `path`, then rename it into place."""
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent
-    )
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=120)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=120)
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        figure.clear()
         _pyplot().close(figure)
     return path
 

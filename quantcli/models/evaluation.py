@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +22,7 @@ from torch import nn
 
 from quantcli.checkpoint import EVAL_NAME
 from quantcli.errors import UsageError
+from quantcli.files import atomic_path
 from quantcli.models.generation import context_length
 
 DEFAULT_TEXT = "tinyshakespeare.txt"
@@ -206,8 +205,6 @@ def _last_hidden(model, chunk: torch.Tensor) -> torch.Tensor:
 def save_result(folder: Path, result: EvalResult) -> Path:
     """Write the result into the checkpoint folder, atomically (push reads it for the card)."""
     target = folder / EVAL_NAME
-    handle, temporary = tempfile.mkstemp(prefix=f".{EVAL_NAME}.", dir=folder)
-    with os.fdopen(handle, "w") as file:
-        json.dump(result.to_dict(), file, indent=2)
-    os.replace(temporary, target)
+    with atomic_path(target) as temporary:
+        temporary.write_text(json.dumps(result.to_dict(), indent=2))
     return target
