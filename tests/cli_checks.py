@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+from quantcli import QuantConfig
+from quantcli.models.source import resolve_model
+from quantcli.models.streaming import quantize_checkpoint
+
 
 def run_quantcli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """`quantcli ARGS...` in a fresh process (paths allowed as arguments), output captured."""
@@ -21,3 +25,9 @@ def assert_one_line_error(result, code: int, fragment: str) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def quantized_checkpoint(saved_models, out, arch="llama", config=None):
+    """A quantcli checkpoint of the tiny `arch` model written to `out` (int4 by default)."""
+    quantize_checkpoint(resolve_model(str(saved_models(arch))), out, config or QuantConfig(bits=4))
+    return out

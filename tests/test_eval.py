@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_checks import assert_one_line_error, run_quantcli
+from cli_checks import assert_one_line_error, quantized_checkpoint, run_quantcli
 from hypothesis import given
 from hypothesis import strategies as st
 from tiny_models import char_tokenizer
@@ -16,15 +16,8 @@ from quantcli.models.evaluation import _windows, default_text, evaluate
 from quantcli.models.layer_errors import layer_errors
 from quantcli.models.loading import load_any
 from quantcli.models.source import resolve_model
-from quantcli.models.streaming import quantize_checkpoint
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4
-
-
-def quantized(saved_models, tmp_path, arch="llama", config=None):
-    out = tmp_path / f"{arch}-q"
-    quantize_checkpoint(resolve_model(str(saved_models(arch))), out, config or QuantConfig(bits=4))
-    return out
 
 
 def load(folder):
@@ -66,7 +59,7 @@ def test_a_model_against_itself_loses_nothing(saved_models):
 def test_quantized_model_against_its_original(saved_models, tmp_path):
     original = load(saved_models("llama"))
     for config, most_kl in ((QuantConfig(bits=8), 1e-3), (QuantConfig(bits=2, group_size=16), 1)):
-        q = load(quantized(saved_models, tmp_path / str(config.bits), config=config))
+        q = load(quantized_checkpoint(saved_models, tmp_path / str(config.bits), config=config))
         result = evaluate(
             q, char_tokenizer(), TEXT, text_name="t", model_name="m", baseline=original, window=64
         )
@@ -76,7 +69,7 @@ def test_quantized_model_against_its_original(saved_models, tmp_path):
 
 def test_encoders_report_cosine_similarity(saved_models, tmp_path):
     original = load(saved_models("bert"))
-    q = load(quantized(saved_models, tmp_path, "bert", QuantConfig(bits=8)))
+    q = load(quantized_checkpoint(saved_models, tmp_path / "bert-q", "bert", QuantConfig(bits=8)))
     with pytest.raises(Exception, match="not a causal language model"):
         evaluate(q, char_tokenizer(), TEXT, text_name="t", model_name="m")
     result = evaluate(
@@ -91,7 +84,9 @@ def test_default_text_is_shipped_and_long_enough():
 
 
 def test_layer_errors_match_a_direct_computation(saved_models, tmp_path):
-    out = quantized(saved_models, tmp_path, config=QuantConfig(bits=4, group_size=32))
+    out = quantized_checkpoint(
+        saved_models, tmp_path / "llama-q", config=QuantConfig(bits=4, group_size=32)
+    )
     errors = layer_errors(out, resolve_model(str(saved_models("llama"))))
     assert len(errors) == 14
     assert [e.relative_error for e in errors] == sorted(
@@ -107,7 +102,7 @@ def test_layer_errors_match_a_direct_computation(saved_models, tmp_path):
 
 
 def test_layer_errors_of_gpt2_conv1d_layers(saved_models, tmp_path):
-    out = quantized(saved_models, tmp_path, "gpt2", QuantConfig(bits=8))
+    out = quantized_checkpoint(saved_models, tmp_path / "gpt2-q", "gpt2", QuantConfig(bits=8))
     errors = layer_errors(out, resolve_model(str(saved_models("gpt2"))))
     assert errors and all(0 < e.relative_error < 0.02 for e in errors)
 
@@ -116,7 +111,9 @@ quantcli = run_quantcli
 
 
 def test_cli_eval_compares_with_the_recorded_source_and_saves(saved_models, tmp_path):
-    out = quantized(saved_models, tmp_path, config=QuantConfig(bits=2, group_size=16))
+    out = quantized_checkpoint(
+        saved_models, tmp_path / "llama-q", config=QuantConfig(bits=2, group_size=16)
+    )
     result = quantcli("eval", out, "--max-tokens", "200", "--window", "64", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -133,6 +130,6 @@ def test_cli_eval_compares_with_the_recorded_source_and_saves(saved_models, tmp_
 
 
 def test_cli_eval_bad_input(saved_models, tmp_path):
-    out = quantized(saved_models, tmp_path)
+    out = quantized_checkpoint(saved_models, tmp_path / "llama-q")
     assert_one_line_error(quantcli("eval", out, "--text", tmp_path / "nope.txt"), 2, "no such file")
     assert_one_line_error(quantcli("eval", out, "--baseline", tmp_path / "missing"), 3, "missing")

@@ -7,23 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_checks import assert_one_line_error, run_quantcli
+from cli_checks import assert_one_line_error, quantized_checkpoint, run_quantcli
 
 from quantcli import QuantConfig
 from quantcli.models.layer_errors import LayerError
 from quantcli.models.loading import summarize_folder
-from quantcli.models.source import resolve_model
-from quantcli.models.streaming import quantize_checkpoint
 from quantcli.plots import plot_evaluations, plot_layer_errors
 
 image = pytest.importorskip("matplotlib.image")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def quantized(saved_models, tmp_path, bits):
-    out = tmp_path / f"llama-int{bits}"
-    quantize_checkpoint(resolve_model(str(saved_models("llama"))), out, QuantConfig(bits=bits))
-    return out
+def quantized(saved_models, folder, bits):
+    config = QuantConfig(bits=bits)
+    return quantized_checkpoint(saved_models, folder / f"llama-int{bits}", config=config)
 
 
 def assert_picture(path: Path, min_width: int = 600) -> None:
