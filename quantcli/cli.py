@@ -537,7 +537,8 @@ def evaluate_command(
     else:
         text_name, content = text.name, _read_text(text)
     run_dtype = _run_dtype(dtype)
-    baselines: dict[str, torch.nn.Module] = {}  # loaded once, shared by the models
+    # loaded once and shared by the models; None for a recorded source that is unreachable
+    baselines: dict[str, torch.nn.Module | None] = {}
     results = []
     models = expand_model_folders(models)
     sources = [resolve_model(model, revision, token) for model in models]  # fail before work
@@ -557,7 +558,9 @@ def evaluate_command(
                 if baseline is not None:
                     raise
                 stderr.print(f"(no baseline: the recorded source is not reachable: {error})")
-                baseline_name = None
+                baselines[baseline_name] = None
+        if baselines.get(baseline_name) is None:
+            baseline_name = None
         scored = load_any(source, device, run_dtype, trust_remote_code)
         with _progress(disable=json_output) as progress:
             task = progress.add_task(f"Scoring {model}", total=None)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from quantcli.models.evaluation import _windows, default_text, evaluate
 from quantcli.models.layer_errors import layer_errors
 from quantcli.models.loading import load_any
 from quantcli.models.source import resolve_model
+from quantcli.models.streaming import quantize_checkpoint
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4
 
@@ -133,3 +135,17 @@ def test_cli_eval_bad_input(saved_models, tmp_path):
     out = quantized_checkpoint(saved_models, tmp_path / "llama-q")
     assert_one_line_error(quantcli("eval", out, "--text", tmp_path / "nope.txt"), 2, "no such file")
     assert_one_line_error(quantcli("eval", out, "--baseline", tmp_path / "missing"), 3, "missing")
+
+
+def test_cli_eval_without_the_recorded_source_scores_alone_and_says_so_once(saved_models, tmp_path):
+    source = tmp_path / "gone"
+    shutil.copytree(saved_models("llama"), source)
+    folders = [tmp_path / name for name in ("a", "b")]
+    for folder in folders:
+        quantize_checkpoint(resolve_model(str(source)), folder, QuantConfig(bits=8))
+    shutil.rmtree(source)
+    result = quantcli("eval", *folders, "--max-tokens", "50", "--window", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2 and all("baseline" not in line for line in lines)
+    assert result.stderr.count("the recorded source is not reachable") == 1
