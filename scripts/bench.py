@@ -83,11 +83,14 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=200)
     torch.manual_seed(0)
-    sources = {
-        "Gaussian 4096x4096 (bf16)": [torch.randn(4096, 4096).bfloat16()],
-        "SmolLM2-135M linear layers (bf16)": smollm2_linear_weights(args.cache),
+    sources = {  # docs name: (title, weights)
+        "round-trip-gaussian": ("Gaussian 4096x4096 (bf16)", [torch.randn(4096, 4096).bfloat16()]),
+        "round-trip-smollm2": (
+            "SmolLM2-135M linear layers (bf16)",
+            smollm2_linear_weights(args.cache),
+        ),
     }
-    for index, (source, weights) in enumerate(sources.items()):
+    for name, (source, weights) in sources.items():
         table = Table(title=f"Round trip: {source}, {len(weights)} tensors")
         for column in ("scheme", "rel. error", "max error / step", "bits/weight", "time"):
             table.add_column(column)
@@ -95,7 +98,7 @@ def main() -> None:
             table.add_row(*round_trip_row(label, weights, *spec))
         console.print(table)
         if args.docs:
-            write_markdown(table, f"round-trip-{index}", "")
+            write_markdown(table, name)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def main() -> None:
             shutil.rmtree(out)
     console.print(table)
     if args.docs:
-        write_markdown(table, "memory", "")
+        write_markdown(table, "memory")
 
 
 if __name__ == "__main__":
