@@ -148,15 +148,10 @@ def main() -> None:
         console.print(f"{name}: ppl {result.perplexity:.4f} ({result.seconds:.0f} s)")
         del model
         gc.collect()
-    console.print(table)
+    note = f"{baseline_row[1]} tokens scored per variant." if baseline_row else ""
+    console.print(table, note)
     if args.docs:
-        write_markdown(
-            table,
-            "accuracy",
-            f"{baseline_row[1]} tokens scored per variant." if baseline_row else "",
-        )
-    if baseline_row:
-        console.print(f"{baseline_row[1]} tokens scored per variant.")
+        write_markdown(table, "accuracy", note)
 
 
 def quantcli_variant(folder: Path, config: QuantConfig, cache: Path):
