@@ -15,7 +15,8 @@ import pytest
 from cli_checks import assert_one_line_error, run_quantcli
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantcli import QuantConfig, cli
+from quantcli import QuantConfig
+from quantcli.cli import quantcli as entry_point
 from quantcli.errors import ResourceError, UsageError
 from quantcli.models import streaming
 from quantcli.models.source import resolve_model
@@ -24,9 +25,9 @@ from quantcli.models.source import resolve_model
 def run_main(monkeypatch, capsys, *args):
     """quantcli's entry point in this process (so faults can be injected): (code, stderr)."""
     monkeypatch.setattr(sys, "argv", ["quantcli", *map(str, args)])
-    monkeypatch.setitem(cli._state, "debug", False)
+    monkeypatch.setitem(entry_point._state, "debug", False)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main()
+        entry_point.main()
     return exit_info.value.code, capsys.readouterr().err
 
 

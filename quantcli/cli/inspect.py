@@ -1,0 +1,179 @@
+"""`quantcli inspect`: what a checkpoint holds, from its headers only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantcli.checkpoint import CheckpointSummary, read_eval
+from quantcli.cli.options import (
+    JsonOption,
+    RevisionOption,
+    TokenOption,
+    TrustRemoteCodeOption,
+)
+from quantcli.cli.output import (
+    print_eval,
+    progress_bar,
+    stderr,
+    stdout,
+)
+from quantcli.errors import UsageError
+from quantcli.models.layer_errors import layer_errors
+from quantcli.models.loading import summarize_folder
+from quantcli.models.source import resolve_model
+from quantcli.plots import check_plot_path, plot_layer_errors
+from quantcli.units import format_bytes
+
+# Shown under --help.
+EXAMPLES = [
+    "quantcli inspect ./opt-125m-int8",
+    "quantcli inspect me/opt-125m-int8 --json",
+]
+
+
+def inspect(
+    path: Annotated[str, typer.Argument(help="Checkpoint folder or Hub id.")],
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="The float original (folder or Hub id): report each quantized layer's "
+            "relative error and SNR against it, worst first (reads one layer at a time).",
+            show_default=False,
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --against: also draw the errors as a bar chart, one colour per layer "
+            "type, into this .png/.svg/.pdf (needs matplotlib: pip install 'quantcli[plot]').",
+            show_default=False,
+        ),
+    ] = None,
+    revision: RevisionOption = None,
+    token: TokenOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Show what a checkpoint holds, layer by layer, from its headers only."""
+    if plot is not None:
+        if against is None:
+            raise UsageError("--plot draws each layer's error: add --against ORIGINAL.")
+        plot = check_plot_path(plot)
+    source = resolve_model(path, revision, token)
+    summary = summarize_folder(source.folder)
+    errors = None
+    if against is not None:
+        original = resolve_model(against, None, token)
+        with progress_bar(disable=json_output) as progress:
+            task = progress.add_task("Comparing", total=None)
+            errors = layer_errors(
+                source.folder,
+                original,
+                trust_remote_code,
+                on_start=lambda total: progress.update(task, total=total),
+                on_layer=lambda name: progress.update(task, advance=1, description=name),
+            )
+        if plot is not None:
+            plot_layer_errors(errors, plot, f"{path}: error of each layer against {against}")
+    evaluation = read_eval(source.folder)
+    if json_output:
+        result = _inspect_json(summary)
+        if errors is not None:
+            result["layer_errors"] = [asdict(error) for error in errors]
+        if evaluation is not None:
+            result["eval"] = evaluation
+        print(json.dumps(result))
+        return
+    _print_inspect(summary, path)
+    if evaluation is not None:
+        print_eval(evaluation)
+    if errors is not None:
+        _print_layer_errors(errors, against)
+    if plot is not None:
+        stderr.print(f"Plot: {plot}")
+
+
+def _print_layer_errors(errors: list, original: str) -> None:
+    table = Table(title=f"error of each quantized layer against {original}, worst first")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("relative error", justify="right")
+    table.add_column("SNR", justify="right")
+    table.add_column("")
+    worst = max((error.relative_error for error in errors), default=0.0) or 1.0
+    for error in errors:
+        bar = "█" * max(1, round(30 * error.relative_error / worst))
+        table.add_row(error.name, f"{error.relative_error:.5f}", f"{error.snr_db:.1f} dB", bar)
+    stdout.print(table)
+
+
+def _inspect_json(summary: CheckpointSummary) -> dict:
+    return {
+        "kind": summary.kind,
+        "scheme": summary.config.label if summary.config else None,
+        "total_bytes": summary.total_bytes,
+        "files": summary.files,
+        "bits_per_weight": round(summary.bits_per_weight, 4),
+        "layers": [
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "shape": list(layer.shape),
+                "bytes": layer.nbytes,
+            }
+            for layer in summary.layers
+        ],
+        "metadata": summary.metadata,
+    }
+
+
+def _print_inspect(summary: CheckpointSummary, path: str) -> None:
+    if summary.kind == "float":
+        stdout.print(f"{path} is a plain float checkpoint (not quantized).")
+    elif summary.kind.startswith("other:"):
+        stdout.print(
+            f"{path} is quantized by another tool ({summary.kind[6:]}); quantcli reads "
+            "compressed-tensors int checkpoints only."
+        )
+    table = Table(title=f"{path}: {len(summary.layers)} weight matrices")
+    table.add_column("layer", no_wrap=True)
+    for column in ("kind", "shape (out, in)", "bits", "group", "scheme"):
+        table.add_column(column)
+    table.add_column("size", justify="right")
+    config = summary.config
+    for layer in summary.layers:
+        quantized = layer.kind != "float" and config is not None
+        table.add_row(
+            layer.name,
+            layer.kind,
+            " x ".join(map(str, layer.shape)),
+            str(config.bits) if quantized else "16/32",
+            str(config.group_size or "-") if quantized else "-",
+            config.scheme.value if quantized else "-",
+            format_bytes(layer.nbytes),
+        )
+    longest = max((len(layer.name) for layer in summary.layers), default=0)
+    table.columns[0].min_width = longest  # names are never cut
+    wide = stdout if stdout.is_terminal else Console(highlight=False, width=longest + 80)
+    wide.print(table)
+    totals = Table(show_header=False, box=None)
+    totals.add_row("format", summary.kind + (f" ({config.label})" if config else ""))
+    totals.add_row("size", f"{format_bytes(summary.total_bytes)} in {summary.files} file(s)")
+    source_bytes = summary.metadata.get("source_bytes")
+    if source_bytes and source_bytes.isdigit():
+        ratio = int(source_bytes) / summary.total_bytes
+        totals.add_row("compression", f"{ratio:.2f}x (source: {format_bytes(int(source_bytes))})")
+    if config:
+        totals.add_row("bits/weight", f"{summary.bits_per_weight:.3f} (quantized layers)")
+        totals.add_row("linear layers in float", ", ".join(config.exclude) or "none")
+    totals.add_row("other tensors", format_bytes(summary.other_bytes))
+    for key in ("quantcli_version", "quantcli_format_version", "source_model", "source_revision"):
+        if summary.metadata.get(key):
+            totals.add_row(key, summary.metadata[key])
+    stdout.print(totals)

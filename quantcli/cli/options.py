@@ -1,0 +1,63 @@
+"""Option types and choices shared by several commands (one definition, one help text)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import torch
+import typer
+
+RevisionOption = Annotated[
+    str | None, typer.Option("--revision", help="Hub branch, tag or commit (Hub ids only).")
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`).",
+        show_default=False,
+    ),
+]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Allow running the model's own Python code from its repo."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON summary, nothing else.")]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Say which dtype and matmul kernels run.")
+]
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Bits(str, Enum):
+    eight = "8"
+    four = "4"
+    two = "2"
+
+
+class DtypeChoice(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+RunDtypeOption = Annotated[
+    DtypeChoice,
+    typer.Option(
+        "--dtype",
+        help="dtype of activations and float tensors (auto: the fastest for the device and "
+        "the layers' kernels, e.g. bf16 for int8/int4 on CPU, fp32 for 2-bit).",
+    ),
+]
+
+
+def run_dtype(choice: DtypeChoice) -> torch.dtype | str:
+    return "auto" if choice is DtypeChoice.auto else DTYPES[choice.value]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return "as stored" if dtype is None else str(dtype).removeprefix("torch.")
