@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -30,7 +31,8 @@ from quantcli.config import Granularity, QuantConfig, Scheme
 from quantcli.errors import CheckpointError
 from quantcli.tensor.packing import require_little_endian
 
-FORMAT_VERSION = 1
+# 2: 8-bit weights packed into int32 words (pack-quantized), as compressed-tensors writes them
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 COMPRESSED_TENSORS_VERSION = "0.20.0"
@@ -225,8 +227,13 @@ def shard_name(index: int, count: int) -> str:
 
 
 def quantization_config(config: QuantConfig, ignore: list[str]) -> dict:
-    """``config.json``'s ``quantization_config`` in the compressed-tensors form."""
-    fmt = "pack-quantized" if config.packed else "int-quantized"
+    """``config.json``'s ``quantization_config`` in the compressed-tensors form.
+
+    Weight-only int of every width is ``pack-quantized``: ``int-quantized`` means W8A8 to
+    compressed-tensors' own writer (``infer_module_format``) and to vLLM, which refuses it
+    without activation settings.
+    """
+    fmt = "pack-quantized"
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,
@@ -256,10 +263,12 @@ def quantization_config(config: QuantConfig, ignore: list[str]) -> dict:
     }
 
 
-def parse_quantization_config(raw: object) -> tuple[QuantConfig, list[str]]:
-    """The `QuantConfig` and the ignored module names of a compressed-tensors config.
+def parse_quantization_config(raw: object) -> tuple[QuantConfig, str]:
+    """The `QuantConfig` and the weight format of a compressed-tensors config.
 
-    Accepts what quantcli writes and the same int-weight layouts from other tools; refuses
+    Accepts what quantcli writes and the same int-weight layouts from other tools
+    (llm-compressor's W8A16, W4A16, W4A16_ASYM; ``int-quantized`` 8-bit from older quantcli;
+    ``ignore`` and ``targets`` as names, ``re:`` regexes or the class ``Linear``); refuses
     anything else with the reason.
     """
     if not isinstance(raw, dict) or raw.get("quant_method") != "compressed-tensors":
@@ -283,28 +292,50 @@ def parse_quantization_config(raw: object) -> tuple[QuantConfig, list[str]]:
         )
     fmt = group.get("format") or raw.get("format")
     bits = weights.get("num_bits")
-    expected_format = "int-quantized" if bits == 8 else "pack-quantized"
-    if fmt != expected_format:
+    readable = ("pack-quantized", "int-quantized") if bits == 8 else ("pack-quantized",)
+    if fmt not in readable:
         raise CheckpointError(
-            f"format '{fmt}' with {bits}-bit weights is not a layout quantcli reads."
+            f"format '{fmt}' with {bits}-bit weights is not a layout quantcli reads "
+            f"(it reads {' or '.join(readable)})."
         )
-    ignore = raw.get("ignore") or []
-    if not all(isinstance(name, str) and not name.startswith("re:") for name in ignore):
-        raise CheckpointError(
-            "the quantization config's 'ignore' list must hold plain module names."
-        )
+    exclude = _names_or_patterns(raw.get("ignore") or [], "ignore")
+    targets = _names_or_patterns(group.get("targets") or ["Linear"], "targets")
+    if "Linear" not in targets:  # only these modules are quantized: exclude every other
+        exclude.append("re:(?!" + "|".join(_as_regex(target) for target in targets) + ")")
     try:
         config = QuantConfig(
             bits=bits,
             scheme=Scheme.SYM if weights.get("symmetric", True) else Scheme.ASYM,
             granularity=Granularity(weights.get("strategy")),
             group_size=weights.get("group_size") if weights.get("strategy") == "group" else None,
-            exclude=tuple(ignore),
+            exclude=tuple(exclude),
             quantize_head=True,  # the head, when kept in float, is in `ignore`
         )
     except ValueError as error:
         raise CheckpointError(f"unsupported quantization config: {error}") from None
-    return config, list(ignore)
+    return config, fmt
+
+
+def _names_or_patterns(entries: object, field: str) -> list[str]:
+    """compressed-tensors' ``ignore``/``targets``: module names, ``re:`` regexes, ``Linear``."""
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        raise CheckpointError(f"the quantization config's '{field}' must be a list of names.")
+    for entry in entries:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as error:
+                raise CheckpointError(
+                    f"the quantization config's '{field}' holds a bad regex {entry!r}: {error}."
+                ) from None
+    return list(entries)
+
+
+def _as_regex(target: str) -> str:
+    """A ``targets`` entry as a regex matched from the start of a module name."""
+    return f"(?:{target[3:]})" if target.startswith("re:") else re.escape(target) + "$"
 
 
 def header_metadata(config: QuantConfig, source: str, revision: str | None) -> dict[str, str]:

@@ -40,9 +40,10 @@ class QuantConfig:
 
     Defaults follow the usual practice: 8-bit is symmetric per channel, 4- and 2-bit are
     asymmetric per group of 32 inputs. `dtype` is the dtype of scales (None: the weight's
-    own dtype). `exclude` holds glob patterns on module names kept in float; the output
-    head is kept too unless `quantize_head` is set. `optimize` searches each group's
-    clipping range for the least reconstruction error instead of rounding its full range.
+    own dtype). `exclude` holds glob patterns on module names kept in float (or regexes
+    after ``re:``, compressed-tensors' convention); the output head is kept too unless
+    `quantize_head` is set. `optimize` searches each group's clipping range for the least
+    reconstruction error instead of rounding its full range.
     """
 
     bits: int = 8

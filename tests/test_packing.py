@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +23,7 @@ def signed(codes, bits):
         (4, [0x1, 0x2, 0xF, 0x0], [0x21, 0x0F]),
         (4, [7], [7]),
         (1, [1, 0, 1, 1, 0, 0, 0, 1, 1], [0b1000_1101, 1]),
+        (8, [0, 255, 128, 1], [0, 255, 128, 1]),  # 8-bit: the code q + 128 is the byte
     ],
 )
 def test_pack_matches_hand_computed_bytes(bits, codes, expected):
@@ -39,7 +40,7 @@ def test_notes_example_is_177():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    bits=st.sampled_from([1, 2, 4]),
+    bits=st.sampled_from([1, 2, 4, 8]),
     rows=st.integers(0, 5),
     length=st.integers(1, 70),
     seed=st.integers(0, 2**16),
@@ -55,7 +56,7 @@ def test_unpack_inverts_pack(bits, rows, length, seed):
 
 @settings(max_examples=100, deadline=None)
 @given(
-    bits=st.sampled_from([2, 4]),
+    bits=st.sampled_from([2, 4, 8]),
     rows=st.integers(1, 9),
     length=st.integers(1, 80),
     dim=st.sampled_from([0, 1]),
@@ -79,11 +80,23 @@ def test_int32_word_holds_first_value_in_lowest_bits():
     assert words.tolist() == [[0x76543210, 0xFEDCBA98 - 2**32, 0x76543210, 0xFEDCBA98 - 2**32]]
 
 
+def test_int8_word_holds_four_codes_offset_by_128():
+    """compressed-tensors packs weight-only int8 as q + 128, four a word, first lowest:
+    [-128, -1, 0, 127] are the codes [0x00, 0x7F, 0x80, 0xFF]."""
+    values = torch.tensor([[-128, -1, 0, 127, 5]], dtype=torch.int8)
+    words = pack_int32(values, 8)
+    assert words.tolist() == [[0xFF807F00 - 2**32, 0x85]]
+    assert torch.equal(unpack_from_int32(words, 8, values.shape), values)
+    assert torch.equal(unpack_int32(words, 8, 5), values)
+
+
 def test_values_outside_the_range_are_refused():
     with pytest.raises(UsageError, match="signed 4-bit range"):
         pack(torch.tensor([8], dtype=torch.int8), 4)
+    with pytest.raises(UsageError, match="signed 8-bit range"):
+        pack(torch.tensor([128], dtype=torch.int16), 8)
 
 
 def test_unpackable_bit_width_is_refused():
-    with pytest.raises(UsageError, match="1, 2 and 4 bits"):
+    with pytest.raises(UsageError, match="1, 2, 4 and 8 bits"):
         pack(torch.zeros(8, dtype=torch.int8), 3)

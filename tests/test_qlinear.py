@@ -20,15 +20,25 @@ CONFIGS = {
     "int2-asym-g16": QuantConfig(bits=2, group_size=16),
 }
 
-# (tensor name, dtype, shape) each layout must have, per compressed-tensors
+# (tensor name, dtype, shape) each layout must have, per compressed-tensors' pack-quantized
+# writer (weight-only int of any width; 8-bit: four values a word)
 EXPECTED_STATE = {
-    "int8-sym-channel": [("weight", torch.int8, (OUT, IN)), ("weight_scale", None, (OUT, 1))],
-    "int8-asym-channel": [
-        ("weight", torch.int8, (OUT, IN)),
+    "int8-sym-channel": [
+        ("weight_packed", torch.int32, (OUT, IN * 8 // 32)),
+        ("weight_shape", torch.int64, (2,)),
         ("weight_scale", None, (OUT, 1)),
-        ("weight_zero_point", torch.int8, (OUT, 1)),
     ],
-    "int8-sym-tensor": [("weight", torch.int8, (OUT, IN)), ("weight_scale", None, (1,))],
+    "int8-asym-channel": [
+        ("weight_packed", torch.int32, (OUT, IN * 8 // 32)),
+        ("weight_shape", torch.int64, (2,)),
+        ("weight_scale", None, (OUT, 1)),
+        ("weight_zero_point", torch.int32, (OUT * 8 // 32, 1)),
+    ],
+    "int8-sym-tensor": [
+        ("weight_packed", torch.int32, (OUT, IN * 8 // 32)),
+        ("weight_shape", torch.int64, (2,)),
+        ("weight_scale", None, (1,)),
+    ],
     "int4-asym-g32": [
         ("weight_packed", torch.int32, (OUT, IN * 4 // 32)),
         ("weight_shape", torch.int64, (2,)),

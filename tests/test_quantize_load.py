@@ -122,7 +122,7 @@ def test_dtype_option_sets_scales_and_float_tensors(saved_models, tmp_path):
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     assert tensors["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
     assert tensors["model.norm.weight"].dtype == torch.bfloat16
-    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    assert tensors["model.layers.0.mlp.up_proj.weight_packed"].dtype == torch.int32
     loaded, _ = load_folder(tmp_path / "q")
     assert loaded.model.norm.weight.dtype == torch.bfloat16
 
@@ -255,12 +255,12 @@ SCALE = "model.layers.0.self_attn.q_proj.weight_scale"
         (
             lambda t, m: t.update(
                 {
-                    "model.layers.0.mlp.up_proj.weight": t["model.layers.0.mlp.up_proj.weight"].to(
-                        torch.int16
-                    )
+                    "model.layers.0.mlp.up_proj.weight_packed": t[
+                        "model.layers.0.mlp.up_proj.weight_packed"
+                    ].to(torch.int64)
                 }
             ),
-            "is int16 in the file but the config implies int8",
+            "is int64 in the file but the config implies int32",
         ),
         (lambda t, m: m.update({"quantcli_format_version": "99"}), "format version 99"),
     ],

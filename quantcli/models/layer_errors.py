@@ -49,7 +49,9 @@ def layer_errors(
     raw = getattr(hf_config, "quantization_config", None)
     if raw is None:
         raise UsageError(f"{checkpoint} is not quantized: --against compares a quantized one.")
-    config, _ = parse_quantization_config(raw if isinstance(raw, dict) else raw.to_dict())
+    config, weight_format = parse_quantization_config(
+        raw if isinstance(raw, dict) else raw.to_dict()
+    )
     del hf_config.quantization_config
     skeleton = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
     ours, _ = read_all_headers(weight_files(checkpoint))
@@ -80,6 +82,7 @@ def layer_errors(
                 f"{[out_features, in_features]} in the checkpoint: not its original."
             )
         layer = QuantLinear(in_features, out_features, False, config, device="meta")
+        layer.checkpoint_format = weight_format
         state = {
             key: read_tensor(ours[f"{name}.{key}"])
             for key in layer.state_dict()

@@ -19,6 +19,7 @@ from torch import nn
 
 from quantcli.checkpoint import (
     CheckpointSummary,
+    TensorInfo,
     check_format_version,
     parse_quantization_config,
     read_all_headers,
@@ -32,6 +33,7 @@ from quantcli.models.replace import replace_linear_layers
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, resolve_model
 from quantcli.nn.kernels import preferred_dtype, prepare_kernels
+from quantcli.nn.qlinear import QuantLinear
 
 
 @dataclass
@@ -68,7 +70,9 @@ def load_quantized(
             f"{source.model_id} is not quantized (no quantization_config in config.json): "
             "run quantcli quantize on it first."
         )
-    config, _ = parse_quantization_config(raw if isinstance(raw, dict) else raw.to_dict())
+    config, weight_format = parse_quantization_config(
+        raw if isinstance(raw, dict) else raw.to_dict()
+    )
     if dtype == "auto":
         dtype = preferred_dtype(config, torch.device(device).type)
     del hf_config.quantization_config
@@ -78,16 +82,23 @@ def load_quantized(
 
     model = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
     report = replace_linear_layers(model, config)
+    set_checkpoint_format(model, weight_format)
     expected = model.state_dict()
     _check_against_skeleton(tensors, expected, _tied_keys(model, expected))
 
-    state = {}
+    # one module at a time, so that a layer's file tensors are freed once it has taken them
+    by_module: dict[str, dict[str, TensorInfo]] = {}
     for name, info in tensors.items():
-        tensor = read_tensor(info)
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[name] = tensor.to(device)
-    model.load_state_dict(state, strict=False, assign=True)
+        module, _, leaf = name.rpartition(".")
+        by_module.setdefault(module, {})[leaf] = info
+    for module, infos in by_module.items():
+        state = {}
+        for leaf, info in infos.items():
+            tensor = read_tensor(info)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[leaf] = tensor.to(device)
+        model.get_submodule(module).load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_empty:
@@ -155,6 +166,13 @@ def _tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
         seen.setdefault(id(tensor), name)
     tied.update(getattr(model, "all_tied_weights_keys", {}) or {})
     return tied
+
+
+def set_checkpoint_format(model: nn.Module, weight_format: str) -> None:
+    """Tell 8-bit layers how the files store their integers (packed words or plain int8)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.checkpoint_format = weight_format
 
 
 def _check_against_skeleton(tensors, expected, tied) -> None:

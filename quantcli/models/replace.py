@@ -8,6 +8,7 @@ checkpoint can then be loaded into it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -93,9 +94,17 @@ def _skip_reason(name: str, config: QuantConfig, heads: set[str]) -> str | None:
     if name in heads and not config.quantize_head:
         return "output head (kept in float; quantize it with --quantize-head)"
     for pattern in config.exclude:
-        if fnmatchcase(name, pattern):
+        if matches(name, pattern):
             return f"excluded by pattern '{pattern}'"
     return None
+
+
+def matches(name: str, pattern: str) -> bool:
+    """A glob on module names, or a regex after ``re:`` matched from the start of the name
+    (compressed-tensors' convention for ``ignore`` and ``targets``)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return fnmatchcase(name, pattern)
 
 
 def _set_submodule(model: nn.Module, name: str, layer: nn.Module) -> None:

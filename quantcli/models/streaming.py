@@ -293,7 +293,8 @@ def _quantizer(name, info, config, scale_dtype, transposed):
             qweight = quantize_weight(weight, config, scale_dtype)
         except InvalidTensorError as error:
             raise InvalidTensorError(f"{name}.weight: {error}") from None
-        return {f"{name}.{key}": t for key, t in compressed_state(qweight, config).items()}
+        state = compressed_state(qweight.qdata, qweight.scale, qweight.zero_point, config)
+        return {f"{name}.{key}": t for key, t in state.items()}
 
     return produce
 

@@ -1,14 +1,19 @@
 """`QuantLinear`: a linear layer whose weight is stored as integers (W8A16, W4A16, W2A16).
 
-Its state_dict uses compressed-tensors' names, so a checkpoint is the layers' state_dicts:
+Its state_dict is the checkpoint's layout, compressed-tensors' ``pack-quantized`` (what its
+own writer uses for weight-only int of any width, and what vLLM serves):
 
-- 8-bit: ``weight`` int8 ``(out, in)``;
-- 4/2-bit: ``weight_packed`` int32 ``(out, ceil(in * bits / 32))`` and ``weight_shape``
-  int64 ``[out, in]``;
-- always ``weight_scale`` (``(1,)``, ``(out, 1)`` or ``(out, in // group_size)``) in the
-  scale dtype, and ``bias`` when the layer has one;
-- asymmetric: ``weight_zero_point``, int8 with the scale's shape, or for packed
-  channel/group layouts packed into int32 along the output dimension.
+- ``weight_packed`` int32 ``(out, ceil(in * bits / 32))`` and ``weight_shape`` int64
+  ``[out, in]``;
+- ``weight_scale`` (``(1,)``, ``(out, 1)`` or ``(out, in // group_size)``) in the scale
+  dtype, and ``bias`` when the layer has one;
+- asymmetric: ``weight_zero_point``, packed into int32 along the output dimension, or per
+  tensor int8 ``(1,)``.
+
+In memory, 4/2-bit layers keep that layout; 8-bit layers keep ``weight`` int8 ``(out, in)``
+(and int8 zero points), the operand of the fused int8 kernels, converted once when a state
+dict is loaded or saved. Checkpoints that store 8-bit weights as ``int-quantized`` (plain
+int8 ``weight``, quantcli before format 2 and other writers) load as they are.
 
 Everything is a buffer (inference only, no gradients). `forward` picks a kernel per call
 (`quantcli.nn.kernels`): fused int8 at decode, fp32 matmul at prefill, dequantize otherwise.
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from quantcli.config import Granularity, QuantConfig
+from quantcli.errors import CheckpointError
 from quantcli.nn.kernels import KERNELS, select_kernel
 from quantcli.tensor.packing import pack_int32, packed_length, unpack_int32
 from quantcli.tensor.quantize import QuantizedTensor, dequantize, groups_per_row, quantize
@@ -56,12 +62,15 @@ class QuantLinear(nn.Module):
             self.register_buffer("weight", empty((out_features, in_features), dtype=torch.int8))
         self.register_buffer("weight_scale", empty(scale_shape, dtype=dtype))
         if not config.symmetric:
-            if packs_zero_point(self.config):
+            if config.packed and packs_zero_point(config):
                 zero_shape = (packed_length(out_features, config.bits), scale_shape[1])
                 self.register_buffer("weight_zero_point", empty(zero_shape, dtype=torch.int32))
             else:
                 self.register_buffer("weight_zero_point", empty(scale_shape, dtype=torch.int8))
         self.register_buffer("bias", empty((out_features,), dtype=dtype) if bias else None)
+        # how an 8-bit layer's state dict stores its integers (set to "int-quantized" to
+        # read or write the plain int8 layout of older checkpoints)
+        self.checkpoint_format = "pack-quantized"
 
     @classmethod
     def from_weight(
@@ -83,7 +92,14 @@ class QuantLinear(nn.Module):
 
     def load_quantized(self, qweight: QuantizedTensor, bias: torch.Tensor | None) -> None:
         """Store an already quantized weight (and the float bias) in this layer's layout."""
-        for name, tensor in compressed_state(qweight, self.config).items():
+        zero = qweight.zero_point
+        if self.config.packed:
+            state = compressed_state(qweight.qdata, qweight.scale, zero, self.config)
+        else:
+            state = {"weight": qweight.qdata, "weight_scale": qweight.scale}
+            if zero is not None:
+                state["weight_zero_point"] = zero
+        for name, tensor in state.items():
             setattr(self, name, tensor)
         if bias is not None:
             self.bias = bias.to(qweight.scale.dtype)
@@ -103,9 +119,42 @@ class QuantLinear(nn.Module):
         else:
             qdata = self.weight
         zero = getattr(self, "weight_zero_point", None)
-        if zero is not None and packs_zero_point(self.config):
+        if zero is not None and self.config.packed and packs_zero_point(self.config):
             zero = unpack_int32(zero, bits, self.out_features, dim=0)
         return qdata, zero
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """8-bit layers save their int8 weight as the checkpoint's packed words."""
+        if self.config.packed or self.checkpoint_format == "int-quantized":
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        zero = getattr(self, "weight_zero_point", None)
+        state = compressed_state(self.weight, self.weight_scale, zero, self.config)
+        if self.bias is not None:
+            state["bias"] = self.bias
+        for name, tensor in state.items():
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """8-bit layers take the checkpoint's packed words (or older plain int8) as int8."""
+        packed = state_dict.get(prefix + "weight_packed")
+        if not self.config.packed and packed is not None:
+            state_dict = dict(state_dict)
+            shape = state_dict.pop(prefix + "weight_shape", None)
+            if shape is not None and not shape.is_meta:
+                expected = [self.out_features, self.in_features]
+                if shape.tolist() != expected:
+                    raise CheckpointError(
+                        f"{prefix}weight_shape holds {shape.tolist()}, not {expected}."
+                    )
+            del state_dict[prefix + "weight_packed"]
+            state_dict[prefix + "weight"] = unpack_int32(packed, 8, self.in_features)
+            zero = state_dict.get(prefix + "weight_zero_point")
+            if zero is not None and packs_zero_point(self.config):
+                state_dict[prefix + "weight_zero_point"] = unpack_int32(
+                    zero, 8, self.out_features, dim=0
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return KERNELS[select_kernel(self, x)](self, x)
@@ -150,24 +199,21 @@ def quantize_weight(weight: torch.Tensor, config: QuantConfig, dtype: torch.dtyp
 
 
 def packs_zero_point(config: QuantConfig) -> bool:
-    """compressed-tensors packs packed layers' zero points, except per tensor."""
-    return config.packed and config.granularity is not Granularity.TENSOR
+    """compressed-tensors packs zero points per channel and per group, not per tensor."""
+    return config.granularity is not Granularity.TENSOR
 
 
-def compressed_state(qweight: QuantizedTensor, config: QuantConfig) -> dict[str, torch.Tensor]:
-    """A quantized weight as the layer's (and the checkpoint's) tensors, bias aside."""
-    if config.packed:
-        state = {
-            "weight_packed": pack_int32(qweight.qdata, config.bits),
-            "weight_shape": torch.tensor(
-                qweight.qdata.shape, dtype=torch.int64, device=qweight.qdata.device
-            ),
-        }
-    else:
-        state = {"weight": qweight.qdata}
-    state["weight_scale"] = qweight.scale
-    if qweight.zero_point is not None:
-        zero = qweight.zero_point
+def compressed_state(
+    qdata: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, config: QuantConfig
+) -> dict[str, torch.Tensor]:
+    """Integers ``(out, in)``, scales and zero points as the checkpoint's tensors, bias aside:
+    exactly what compressed-tensors' pack-quantized compressor writes."""
+    state = {
+        "weight_packed": pack_int32(qdata, config.bits),
+        "weight_shape": torch.tensor(qdata.shape, dtype=torch.int64, device=qdata.device),
+        "weight_scale": scale,
+    }
+    if zero is not None:
         state["weight_zero_point"] = (
             pack_int32(zero, config.bits, dim=0) if packs_zero_point(config) else zero
         )

@@ -1,12 +1,14 @@
-"""Packing 2- and 4-bit integers several to a byte, lowest bits first.
+"""Packing 8-, 4- and 2-bit integers into bytes, lowest bits first.
 
 PyTorch has no int4 or int2 storage, so values share bytes. A signed value ``q`` is first
 shifted to its unsigned code ``q - q_min``; the first code of a byte goes into its lowest
-bits: 2-bit codes ``[1, 0, 3, 2]`` become ``0b10_11_00_01 = 177``.
+bits: 2-bit codes ``[1, 0, 3, 2]`` become ``0b10_11_00_01 = 177``. 8-bit values take a
+byte each, as the code ``q + 128``.
 
 Because bytes fill from the low bits, the same bytes read as little-endian int32 words are
 compressed-tensors' ``pack-quantized`` layout (32 / bits values a word, the first in the
-lowest bits); `pack_int32` / `unpack_int32` give that view.
+lowest bits; its writer packs weight-only int8 this way too); `pack_int32` /
+`unpack_int32` give that view.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from quantcli.errors import UsageError
 
-PACKABLE_BITS = (1, 2, 4)
+PACKABLE_BITS = (1, 2, 4, 8)
 
 
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -29,8 +31,12 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """
     per_byte = _values_per_byte(bits)
     offset = 2 ** (bits - 1)
-    if values.numel() and (values.min() < -offset or values.max() >= offset):
+    checkable = values.numel() and values.device.type != "meta"
+    if checkable and (int(values.min()) < -offset or int(values.max()) >= offset):
         raise UsageError(f"values outside the signed {bits}-bit range cannot be packed.")
+    if bits == 8:  # q + 128 overflows int8: flipping the sign bit is the same code
+        codes = values.to(torch.int8).view(torch.uint8) ^ 0x80
+        return codes.contiguous().flatten().view(values.shape)  # plain strides, for .view
     codes = (values.to(torch.int8) + offset).view(torch.uint8)  # in range: no overflow
     codes = F.pad(codes, (0, -codes.shape[-1] % per_byte)).unflatten(-1, (-1, per_byte))
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=values.device)
@@ -40,6 +46,9 @@ def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """Inverse of `pack`: int8 values, the last dimension cut back to `length`."""
     _values_per_byte(bits)
+    if bits == 8:
+        values = (packed ^ 0x80).view(torch.int8)
+        return values if values.shape[-1] == length else values[..., :length]
     mask = 2**bits - 1
     codes = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1)
     values = codes.flatten(-2).view(torch.int8).sub_(2 ** (bits - 1))  # codes < 128
@@ -75,7 +84,7 @@ def packed_length(length: int, bits: int) -> int:
 
 def _values_per_byte(bits: int) -> int:
     if bits not in PACKABLE_BITS:
-        raise UsageError(f"cannot pack {bits}-bit values: packing supports 1, 2 and 4 bits.")
+        raise UsageError(f"cannot pack {bits}-bit values: packing supports 1, 2, 4 and 8 bits.")
     return 8 // bits
 
 
