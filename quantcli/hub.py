@@ -18,6 +18,7 @@ from quantcli.config import Scheme
 from quantcli.errors import AuthError, CheckpointError, NotFoundError
 from quantcli.models.loading import summarize_folder
 from quantcli.models.source import CARD_NAME
+from quantcli.runtimes import checkpoint_runtimes
 from quantcli.units import format_bytes
 
 _CARD_SEAL = re.compile(r"\n<!-- quantcli model card sha256:([0-9a-f]{64}) -->\n?\Z")
@@ -175,7 +176,6 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
 
 
 def _usage_section(repo_id: str, summary: CheckpointSummary) -> list[str]:
-    config = summary.config
     lines = [
         "## Usage",
         "",
@@ -198,15 +198,20 @@ def _usage_section(repo_id: str, summary: CheckpointSummary) -> list[str]:
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
         "```",
         "",
+        "With vLLM:",
+        "",
+        "```bash",
+        f"vllm serve {repo_id}",
+        "```",
+        "",
+        "Where it runs:",
+        "",
+        "| runtime | runs | why |",
+        "|---|---|---|",
     ]
-    if config.packed and config.scheme is Scheme.ASYM:
-        lines += [
-            "Note: transformers 5.23 with compressed-tensors 0.20 cannot load asymmetric "
-            "4-/2-bit checkpoints yet (vllm-project/llm-compressor#1618); quantcli and vLLM can.",
-            "",
-        ]
-    lines += ["With vLLM:", "", "```bash", f"vllm serve {repo_id}", "```", ""]
-    return lines
+    for verdict in checkpoint_runtimes(summary.config, summary.metadata):
+        lines.append(f"| {verdict.runtime} | {'yes' if verdict.runs else 'no'} | {verdict.why} |")
+    return lines + [""]
 
 
 def _quality_section(folder: Path) -> list[str]:

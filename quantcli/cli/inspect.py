@@ -29,6 +29,7 @@ from quantcli.models.layer_errors import layer_errors
 from quantcli.models.loading import summarize_folder
 from quantcli.models.source import resolve_model
 from quantcli.plots import check_plot_path, plot_layer_errors
+from quantcli.runtimes import checkpoint_runtimes
 from quantcli.units import format_bytes
 
 # Shown under --help.
@@ -130,6 +131,12 @@ def _inspect_json(summary: CheckpointSummary) -> dict:
             for layer in summary.layers
         ],
         "metadata": summary.metadata,
+        "runs_in": {
+            verdict.runtime: {"runs": verdict.runs, "why": verdict.why}
+            for verdict in checkpoint_runtimes(summary.config, summary.metadata)
+        }
+        if summary.config
+        else None,
     }
 
 
@@ -172,6 +179,8 @@ def _print_inspect(summary: CheckpointSummary, path: str) -> None:
     if config:
         totals.add_row("bits/weight", f"{summary.bits_per_weight:.3f} (quantized layers)")
         totals.add_row("linear layers in float", ", ".join(config.exclude) or "none")
+        for verdict in checkpoint_runtimes(config, summary.metadata):
+            totals.add_row(f"runs in {verdict.runtime}", str(verdict))
     totals.add_row("other tensors", format_bytes(summary.other_bytes))
     for key in ("quantcli_version", "quantcli_format_version", "source_model", "source_revision"):
         if summary.metadata.get(key):

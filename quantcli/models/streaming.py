@@ -40,6 +40,7 @@ from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, card_license, safetensors_copy, side_files
 from quantcli.nn.qlinear import QuantLinear, compressed_state, quantize_weight
+from quantcli.runtimes import vllm_warning
 from quantcli.units import format_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
@@ -156,6 +157,7 @@ def quantize_checkpoint(
             f"({len(report.skipped)} kept in float)."
         )
     plan = _plan(skeleton, tensors, report.replaced, config)
+    conv1d = any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
@@ -168,6 +170,7 @@ def quantize_checkpoint(
         metadata["source_bytes"] = str(sum(info.nbytes for info in tensors.values()))
         metadata["source_license"] = card_license(source.folder) or ""
         metadata["quantcli_command"] = command or ""
+        metadata["quantized_conv1d"] = "true" if conv1d else "false"
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
@@ -190,7 +193,7 @@ def quantize_checkpoint(
 
     quantized_items = [item for item in plan.items if item.quantized_params]
     return QuantizeSummary(
-        warnings=_warnings(skeleton, report, config),
+        warnings=_warnings(report, config, conv1d),
         output=out,
         quantized=report.replaced,
         skipped=report.skipped,
@@ -257,7 +260,7 @@ def _plan(
     return plan
 
 
-def _warnings(skeleton, report, config: QuantConfig) -> list[str]:
+def _warnings(report, config: QuantConfig, conv1d: bool) -> list[str]:
     """What the user should know about the checkpoint just written."""
     warnings = []
     if report.group_misfits:
@@ -266,11 +269,13 @@ def _warnings(skeleton, report, config: QuantConfig) -> list[str]:
             f"group_size={config.group_size} does not divide their width: "
             "choose a group size that does."
         )
-    if any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced):
+    if conv1d:
         warnings.append(
             "this model's Conv1D layers (GPT-2 style) are quantized: quantcli loads the "
             "checkpoint, but transformers and vLLM quantize nn.Linear only and cannot."
         )
+    elif (warning := vllm_warning(config)) is not None:
+        warnings.append(warning)
     return warnings
 
 
