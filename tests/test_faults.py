@@ -222,7 +222,8 @@ QUANTIZE_FAULTS = {  # name: (change to a copy of the tiny Llama, extra args, ex
         untouched,
         ["--bits", "4", "--group-size", "48"],
         2,
-        "no linear",
+        "--group-size 48 does not divide the input width of 14 layer(s) "
+        "(model.layers.0.self_attn.q_proj: 64); group sizes that fit every layer: 8, 16, 32, 64.",
     ),
     "optimize per tensor": (
         untouched,

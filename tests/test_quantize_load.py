@@ -292,20 +292,20 @@ def test_skeleton_keeps_real_buffers(saved_models, tmp_path):
     assert torch.equal(loaded.bert.embeddings.position_ids, reference.bert.embeddings.position_ids)
 
 
-def test_warnings_for_group_misfits_and_conv1d(saved_models, tmp_path):
+def test_conv1d_is_a_warning_and_group_misfits_are_refused_with_the_sizes_that_fit(
+    saved_models, tmp_path
+):
     gpt2 = quantize_folder(saved_models("gpt2"), tmp_path / "g", QuantConfig(bits=8))
     assert any("Conv1D" in warning for warning in gpt2.warnings)
-    # groups of 128 fit only down_proj (128 inputs); the 12 other layers have 64 inputs
-    config = QuantConfig(bits=4, group_size=128)
-    llama = quantize_folder(saved_models("llama"), tmp_path / "l", config)
-    assert sorted(llama.quantized) == [
-        "model.layers.0.mlp.down_proj",
-        "model.layers.1.mlp.down_proj",
-    ]
-    assert llama.warnings == [
-        "12 layer(s) stayed in float because group_size=128 does not divide their width: "
-        "choose a group size that does."
-    ]
+    # groups of 128 fit only down_proj (128 inputs); the 12 other layers have 64 inputs, so
+    # the sizes that fit every layer are the divisors of gcd(64, 128) = 64 from 8 up
+    with pytest.raises(UsageError) as refused:
+        quantize_folder(saved_models("llama"), tmp_path / "l", QuantConfig(bits=4, group_size=128))
+    assert str(refused.value) == (
+        "--group-size 128 does not divide the input width of 12 layer(s) "
+        "(model.layers.0.self_attn.q_proj: 64); group sizes that fit every layer: 8, 16, 32, 64."
+    )
+    assert not (tmp_path / "l").exists()
 
 
 def test_optimized_checkpoint_loads_like_its_in_memory_model_and_records_the_setting(

@@ -15,6 +15,7 @@ from quantcli.cli.options import (
     RevisionOption,
     TokenOption,
     TrustRemoteCodeOption,
+    check_range,
     run_dtype,
 )
 from quantcli.cli.output import (
@@ -51,6 +52,7 @@ def evaluate_command(
     baseline: Annotated[
         str | None,
         typer.Option(
+            metavar="MODEL",
             help="Float model to compare with (default: the source recorded in the "
             "checkpoint, when it can be found).",
             show_default=False,
@@ -62,17 +64,23 @@ def evaluate_command(
     text: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="UTF-8 text file to score (default: a public-domain Shakespeare excerpt "
             "shipped with quantcli).",
             show_default=False,
         ),
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="Score at most this many tokens.", min=2)] = 16384,
-    window: Annotated[int, typer.Option(help="Tokens per forward pass (context).", min=2)] = 512,
+    max_tokens: Annotated[
+        int, typer.Option(help="Score at most this many tokens.", metavar="N")
+    ] = 16384,
+    window: Annotated[
+        int, typer.Option(help="Tokens per forward pass (context).", metavar="N")
+    ] = 512,
     stride: Annotated[
         int | None,
         typer.Option(
-            help="Tokens between windows (default: the window; less adds context).", min=1
+            help="Tokens between windows (default: the window; less adds context).",
+            metavar="N",
         ),
     ] = None,
     dtype: Annotated[
@@ -82,10 +90,11 @@ def evaluate_command(
             "lost; bf16 adds the activations' rounding (auto: the fastest, as in generate)."
         ),
     ] = DtypeChoice.fp32,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...", metavar="DEVICE")] = "cpu",
     plot: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="Draw each model's perplexity (against the baseline's) and size into this "
             ".png/.svg/.pdf (needs matplotlib: pip install 'quantcli[plot]').",
             show_default=False,
@@ -109,6 +118,9 @@ def evaluate_command(
     shows it and `push` puts it on the model card. With several models, `--json` prints
     one JSON object per line.
     """
+    check_range("--max-tokens", max_tokens, 2)
+    check_range("--window", window, 2)
+    check_range("--stride", stride, 1)
     if plot is not None:
         plot = check_plot_path(plot)
     if text is None:

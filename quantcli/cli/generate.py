@@ -16,6 +16,7 @@ from quantcli.cli.options import (
     RunDtypeOption,
     TokenOption,
     VerboseOption,
+    check_range,
     dtype_name,
     run_dtype,
 )
@@ -24,6 +25,7 @@ from quantcli.cli.output import (
     kernel_summary,
     stderr,
 )
+from quantcli.errors import UsageError
 from quantcli.models.generation import generate_text, load_tokenizer
 from quantcli.models.loading import load_quantized
 from quantcli.models.source import resolve_model
@@ -38,22 +40,32 @@ EXAMPLES = [
 def generate(
     model: Annotated[str, typer.Argument(help="Quantized checkpoint: local folder or Hub id.")],
     prompt: Annotated[str, typer.Argument(help="The prompt, or - to read it from stdin.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.", min=1)] = 128,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Most tokens to generate.", metavar="N")
+    ] = 128,
     do_sample: Annotated[
         bool, typer.Option("--do-sample/--greedy", help="Sample, or take the likeliest token.")
     ] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.", min=0.0)] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.", min=0.0, max=1.0)] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens.", min=0)] = 50,
-    seed: Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")] = None,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature (> 0).", metavar="T")
+    ] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, 0 to 1.", metavar="P")] = 1.0,
+    top_k: Annotated[
+        int, typer.Option(help="Sample among the k likeliest tokens.", metavar="K")
+    ] = 50,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed, for repeatable sampling.", metavar="N")
+    ] = None,
     chat: Annotated[
         bool | None,
         typer.Option(
             "--chat/--no-chat", help="Apply the chat template (default: when it has one)."
         ),
     ] = None,
-    system: Annotated[str | None, typer.Option(help="System message (chat only).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...")] = "cpu",
+    system: Annotated[
+        str | None, typer.Option(help="System message (chat only).", metavar="TEXT")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1...", metavar="DEVICE")] = "cpu",
     dtype: RunDtypeOption = DtypeChoice.auto,
     compile_model: Annotated[
         bool,
@@ -69,6 +81,11 @@ def generate(
     verbose: VerboseOption = False,
 ) -> None:
     """Generate text with a quantized model, streaming tokens as they come."""
+    check_range("--max-new-tokens", max_new_tokens, 1)
+    check_range("--top-p", top_p, 0.0, 1.0)
+    check_range("--top-k", top_k, 0)
+    if do_sample and temperature <= 0:
+        raise UsageError(f"--temperature {temperature}: sampling needs a temperature above 0.")
     if prompt == "-":
         prompt = sys.stdin.read()
     source = resolve_model(model, revision, token)

@@ -44,6 +44,7 @@ def inspect(
     against: Annotated[
         str | None,
         typer.Option(
+            metavar="MODEL",
             help="The float original (folder or Hub id): report each quantized layer's "
             "relative error and SNR against it, worst first (reads one layer at a time).",
             show_default=False,
@@ -52,6 +53,7 @@ def inspect(
     plot: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="With --against: also draw the errors as a bar chart, one colour per layer "
             "type, into this .png/.svg/.pdf (needs matplotlib: pip install 'quantcli[plot]').",
             show_default=False,

@@ -38,7 +38,9 @@ EXAMPLES = [
 
 def load(
     model: Annotated[str, typer.Argument(help="Quantized checkpoint: local folder or Hub id.")],
-    device: Annotated[str, typer.Option(help="Device to load onto: cpu, cuda, cuda:1...")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="Device to load onto: cpu, cuda, cuda:1...", metavar="DEVICE")
+    ] = "cpu",
     dtype: RunDtypeOption = DtypeChoice.auto,
     revision: RevisionOption = None,
     token: TokenOption = None,

@@ -8,14 +8,20 @@ from typing import Annotated
 import torch
 import typer
 
+from quantcli.errors import UsageError
+
 RevisionOption = Annotated[
-    str | None, typer.Option("--revision", help="Hub branch, tag or commit (Hub ids only).")
+    str | None,
+    typer.Option(
+        "--revision", help="Hub branch, tag or commit (Hub ids only).", metavar="REVISION"
+    ),
 ]
 TokenOption = Annotated[
     str | None,
     typer.Option(
         "--token",
         help="Hub token (default: HF_TOKEN or the one saved by `hf auth login`).",
+        metavar="TOKEN",
         show_default=False,
     ),
 ]
@@ -61,3 +67,11 @@ def run_dtype(choice: DtypeChoice) -> torch.dtype | str:
 
 def dtype_name(dtype: torch.dtype | None) -> str:
     return "as stored" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def check_range(option: str, value: float | None, low: float, high: float | None = None) -> None:
+    """Refuse a number out of range in one line naming the option, the value and the range."""
+    if value is None or (value >= low and (high is None or value <= high)):
+        return
+    accepted = f"{low} or more" if high is None else f"{low} to {high}"
+    raise UsageError(f"{option} {value}: it takes {accepted}.")

@@ -28,14 +28,18 @@ EXAMPLES = [
 
 def push(
     folder: Annotated[Path, typer.Argument(help="Quantized checkpoint folder (from quantize).")],
-    repo_id: Annotated[str, typer.Argument(help="Hub repository, USER/NAME (created if needed).")],
+    repo_id: Annotated[
+        str, typer.Argument(help="Hub repository, USER/NAME (created if needed).", metavar="REPO")
+    ],
     private: Annotated[
         bool, typer.Option("--private", help="Create the repository private.")
     ] = False,
     revision: Annotated[
-        str | None, typer.Option(help="Branch to push to (created if missing).")
+        str | None, typer.Option(help="Branch to push to (created if missing).", metavar="BRANCH")
     ] = None,
-    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    commit_message: Annotated[
+        str | None, typer.Option(help="Commit message.", metavar="TEXT")
+    ] = None,
     create_pr: Annotated[
         bool, typer.Option("--create-pr", help="Open a pull request instead of committing.")
     ] = False,

@@ -13,15 +13,19 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as CommandLineError
 
 from quantcli import __version__
 from quantcli.cli import eval as eval_command
 from quantcli.cli import generate, inspect, load, push, quantize
+from quantcli.cli.help import Command, Group
 from quantcli.cli.output import stderr
 from quantcli.errors import QuantcliError, first_line
 
 app = typer.Typer(
     name="quantcli",
+    cls=Group,
     help="Quantize Hugging Face checkpoints (int8, int4, int2), publish them to the Hub and "
     "run them.",
     no_args_is_help=True,
@@ -44,7 +48,7 @@ for module, function, name in (
     (eval_command, eval_command.evaluate_command, "eval"),
     (generate, generate.generate, "generate"),
 ):
-    app.command(name, epilog=_epilog(module.EXAMPLES))(function)
+    app.command(name, cls=Command, epilog=_epilog(module.EXAMPLES))(function)
 
 
 def _version(value: bool) -> None:
@@ -91,7 +95,14 @@ def main() -> None:
     signal.signal(signal.SIGINT, _raise_stopped)
     signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        app()  # usage errors and --help are handled by Typer, which exits itself
+        code = app(prog_name="quantcli", standalone_mode=False)  # --help, --version: 0
+    except NoArgsIsHelpError as error:
+        error.show()  # the help, as a bare `quantcli` asks for
+        sys.exit(2)
+    except CommandLineError as error:  # unknown option or command, bad value, no argument
+        command = error.ctx.command_path if error.ctx else "quantcli"
+        message = error.format_message().replace("Value error, ", "")
+        _fail(error, f"{message} (see {command} --help)", 2)
     except QuantcliError as error:
         _fail(error, str(error), error.exit_code)
     except Stopped as error:
@@ -110,6 +121,7 @@ def main() -> None:
             "run again with --debug for the traceback and report it.",
             1,
         )
+    sys.exit(code or 0)
 
 
 def _fail(error: BaseException, message: str, code: int) -> None:

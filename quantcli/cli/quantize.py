@@ -17,6 +17,7 @@ from quantcli.cli.options import (
     RevisionOption,
     TokenOption,
     TrustRemoteCodeOption,
+    check_range,
 )
 from quantcli.cli.output import (
     progress_bar,
@@ -39,7 +40,9 @@ EXAMPLES = [
 
 def quantize(
     model: Annotated[str, typer.Argument(help="Hub model id or local folder (safetensors).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must not exist).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (must not exist).", metavar="FOLDER")
+    ],
     bits: Annotated[Bits, typer.Option(help="Weight bits.")] = Bits.eight,
     scheme: Annotated[
         Scheme | None,
@@ -52,12 +55,13 @@ def quantize(
         ),
     ] = None,
     group_size: Annotated[
-        int | None, typer.Option(help="Inputs per group (default 32 with groups).", min=1)
+        int | None, typer.Option(help="Inputs per group (default 32 with groups).", metavar="N")
     ] = None,
     exclude: Annotated[
         list[str] | None,
         typer.Option(
-            help="Keep modules matching this glob in float (repeatable), e.g. '*.mlp.down_proj'."
+            metavar="GLOB",
+            help="Keep modules matching this glob in float (repeatable), e.g. '*.mlp.down_proj'.",
         ),
     ] = None,
     quantize_head: Annotated[
@@ -76,7 +80,7 @@ def quantize(
         typer.Option(help="dtype of scales and unquantized tensors (auto: keep the model's)."),
     ] = DtypeChoice.auto,
     max_shard_size: Annotated[
-        str, typer.Option(help="Largest output file, e.g. 500MB, 5GB.")
+        str, typer.Option(help="Largest output file, e.g. 500MB, 5GB.", metavar="SIZE")
     ] = "5GB",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace --out if it exists.")
@@ -100,6 +104,7 @@ def quantize(
     stays flat whatever the model size. The output loads with quantcli, transformers
     (with compressed-tensors installed) and vLLM.
     """
+    check_range("--group-size", group_size, 1)
     return_big_frees_to_the_os()
     config = QuantConfig(
         bits=int(bits.value),

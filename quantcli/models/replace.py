@@ -28,6 +28,7 @@ class ReplacementReport:
     replaced: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     group_misfits: list[str] = field(default_factory=list)  # skipped: width % group_size
+    unused_excludes: list[str] = field(default_factory=list)  # patterns matching no layer
 
 
 def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport:
@@ -47,6 +48,10 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
             report.skipped[name] = reason
         else:
             report.replaced.append(name)
+    linears = [*report.replaced, *report.skipped]
+    report.unused_excludes = [
+        pattern for pattern in config.exclude if not any(matches(name, pattern) for name in linears)
+    ]
     return report
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from quantcli.errors import CheckpointError, NotFoundError, first_line
+from quantcli.errors import CheckpointError, NotFoundError, UsageError, first_line
 
 #: Files besides the weights that travel with a model: configs, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
@@ -54,6 +54,10 @@ def resolve_model(
     (and its pickle weights when `allow_pickle`)."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise UsageError(
+                f"--revision {revision} applies to Hub ids, not to the local folder {model}."
+            )
         return ModelSource(path.resolve(), model, None)
     if path.exists():
         raise NotFoundError(

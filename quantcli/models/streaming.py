@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import math
 import os
 import resource
 import shutil
@@ -151,6 +152,14 @@ def quantize_checkpoint(
     tensors, _ = read_all_headers(files)
     skeleton = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
     report = plan_replacement(skeleton, config)
+    if report.unused_excludes:
+        raise UsageError(
+            f"--exclude {report.unused_excludes[0]!r} matches no linear layer of "
+            f"{source.model_id}: check the pattern against `quantcli inspect` (a glob on full "
+            "module names such as 'model.layers.*.mlp.down_proj', or re:REGEX)."
+        )
+    if report.group_misfits:
+        raise UsageError(_group_misfit_message(skeleton, report, config))
     if not report.replaced:
         raise UsageError(
             f"{source.model_id} has no linear layer to quantize with these settings "
@@ -193,7 +202,7 @@ def quantize_checkpoint(
 
     quantized_items = [item for item in plan.items if item.quantized_params]
     return QuantizeSummary(
-        warnings=_warnings(report, config, conv1d),
+        warnings=_warnings(config, conv1d),
         output=out,
         quantized=report.replaced,
         skipped=report.skipped,
@@ -260,15 +269,9 @@ def _plan(
     return plan
 
 
-def _warnings(report, config: QuantConfig, conv1d: bool) -> list[str]:
+def _warnings(config: QuantConfig, conv1d: bool) -> list[str]:
     """What the user should know about the checkpoint just written."""
     warnings = []
-    if report.group_misfits:
-        warnings.append(
-            f"{len(report.group_misfits)} layer(s) stayed in float because "
-            f"group_size={config.group_size} does not divide their width: "
-            "choose a group size that does."
-        )
     if conv1d:
         warnings.append(
             "this model's Conv1D layers (GPT-2 style) are quantized: quantcli loads the "
@@ -277,6 +280,28 @@ def _warnings(report, config: QuantConfig, conv1d: bool) -> list[str]:
     elif (warning := vllm_warning(config)) is not None:
         warnings.append(warning)
     return warnings
+
+
+def _group_misfit_message(skeleton, report, config: QuantConfig) -> str:
+    """Why a group size cannot be used, and the group sizes that fit every layer (the
+    divisors of the widths' greatest common divisor, from 8 up): no layer is left in float
+    silently because its width does not split into whole groups."""
+    widths = {
+        name: linear_weight(skeleton.get_submodule(name)).shape[1]
+        for name in [*report.replaced, *report.group_misfits]
+    }
+    common = math.gcd(*widths.values())
+    fitting = [size for size in range(8, common + 1) if common % size == 0]
+    first = report.group_misfits[0]
+    return (
+        f"--group-size {config.group_size} does not divide the input width of "
+        f"{len(report.group_misfits)} layer(s) ({first}: {widths[first]}); "
+        + (
+            f"group sizes that fit every layer: {', '.join(map(str, fitting))}."
+            if fitting
+            else "no group size from 8 up fits every layer: use --granularity channel."
+        )
+    )
 
 
 def model_key(key: str, model_keys: set[str], prefix: str) -> str:

@@ -1,0 +1,138 @@
+"""The command line as its users meet it: help that names things, examples that run as
+written, one line for every bad value."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from cli_checks import assert_one_line_error, run_quantcli
+from hub_double import HubDouble
+
+from quantcli.cli import eval as eval_command
+from quantcli.cli import generate, inspect, load, push, quantize
+
+COMMANDS = {
+    "quantize": quantize,
+    "push": push,
+    "load": load,
+    "inspect": inspect,
+    "generate": generate,
+    "eval": eval_command,
+}
+TOKEN = "tok-me-3e1d"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_names_things_instead_of_python_types(command):
+    result = run_quantcli(*([command] if command else []), "--help")
+    assert result.returncode == 0, result.stderr
+    for python_type in ("<str>", "<bool>", "<int", "<float", "<path>", "list[", "{", "x>="):
+        assert python_type not in result.stdout, (python_type, result.stdout)
+    if command:
+        usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+        assert usage.split()[-1].isupper(), usage  # MODEL, FOLDER, MODELS...
+        assert "Examples:" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def example_folder(saved_models, tmp_path_factory):
+    """A working directory holding every folder the examples name: tiny models under the
+    examples' names (a local folder shadows a Hub id of the same name)."""
+    root = tmp_path_factory.mktemp("examples")
+    for name, arch in {
+        "facebook/opt-125m": "opt",
+        "my-llama": "llama",
+        "gpt2": "gpt2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct": "llama",
+        "bert": "bert",
+    }.items():
+        shutil.copytree(saved_models(arch), root / name)
+    for name, bits in {"smollm2-int4": "4", "smollm2-int8": "8"}.items():
+        quantized = run_quantcli(
+            "quantize",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--out",
+            name,
+            "--bits",
+            bits,
+            cwd=root,
+        )
+        assert quantized.returncode == 0, quantized.stderr
+        shutil.copytree(root / name, root / "quantized" / name)
+    bert = run_quantcli("quantize", "bert", "--out", "bert-int8", cwd=root)
+    assert bert.returncode == 0, bert.stderr
+    (root / "notes.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    return root
+
+
+def test_every_example_runs_as_written(example_folder):
+    """quantize's examples first (they make the folders the others use), then push (to the
+    local Hub double, as user `me`), then the rest, some from the Hub."""
+    with HubDouble({TOKEN: "me"}) as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(
+            HF_ENDPOINT=hub.url,
+            HF_TOKEN=TOKEN,
+            HF_HUB_DISABLE_XET="1",
+            HF_HOME=str(example_folder / ".hf-home"),
+            NO_PROXY="127.0.0.1,localhost",
+        )
+        for module in COMMANDS.values():
+            for example in module.EXAMPLES:
+                command = example.replace("quantcli", f"{sys.executable} -m quantcli", 1)
+                if "| quantcli" in command:
+                    command = command.replace("| quantcli", f"| {sys.executable} -m quantcli")
+                result = subprocess.run(
+                    ["bash", "-c", command],
+                    cwd=example_folder,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                assert result.returncode == 0, (example, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["quantize", "m", "--out", "o", "--bits", "3"], "'--bits': '3' is not one of '8', '4'"),
+        (["quantize", "m", "--out", "o", "--group-size", "0"], "--group-size 0: it takes 1 or"),
+        (["quantize", "m", "--out", "o", "--frobnicate"], "No such option: --frobnicate"),
+        (["quantize"], "Missing argument 'MODEL'"),
+        (["generate", "m", "hi", "--top-p", "1.5"], "--top-p 1.5: it takes 0.0 to 1.0."),
+        (["generate", "m", "hi", "--max-new-tokens", "0"], "--max-new-tokens 0: it takes 1"),
+        (["generate", "m", "hi", "--do-sample", "--temperature", "0"], "temperature above 0"),
+        (["eval", "m", "--window", "1"], "--window 1: it takes 2 or more."),
+        (["eval", "m", "--dtype", "fp8"], "'--dtype': 'fp8' is not one of"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_bad_values_get_one_line_naming_the_option_and_what_it_takes(args, fragment, tmp_path):
+    result = run_quantcli(*args, cwd=tmp_path)
+    assert_one_line_error(result, 2, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_that_cannot_apply_are_refused(saved_models, tmp_path):
+    folder = saved_models("llama")
+    revision = run_quantcli("quantize", folder, "--out", tmp_path / "q", "--revision", "v1")
+    assert_one_line_error(revision, 2, "--revision v1 applies to Hub ids, not to the local")
+    exclude = run_quantcli("quantize", folder, "--out", tmp_path / "q", "--exclude", "*.attn.*")
+    assert_one_line_error(exclude, 2, "--exclude '*.attn.*' matches no linear layer")
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_bare_command_prints_its_help_and_exits_2():
+    result = run_quantcli()
+    assert result.returncode == 2
+    assert "Usage: quantcli" in result.stdout + result.stderr
+
+
+def test_placeholders_name_what_the_options_take():
+    """--out takes a FOLDER, --exclude a GLOB, choices are listed: what a person reads."""
+    help_text = run_quantcli("quantize", "--help").stdout
+    for placeholder in ("FOLDER", "GLOB", "8|4|2", "sym|asym", "SIZE", "REVISION", "TOKEN"):
+        assert placeholder in help_text, placeholder
