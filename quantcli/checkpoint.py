@@ -437,13 +437,19 @@ def summarize(folder: Path, raw_quantization_config: object) -> CheckpointSummar
         module, _, leaf = name.rpartition(".")
         by_module.setdefault(module, {})[leaf] = info
     layers = []
-    for module, parts in by_module.items():
+    for module, parts in sorted(by_module.items(), key=lambda item: _model_order(item[0])):
         layer = _layer_summary(module, parts, config)
         if layer is not None:
             layers.append(layer)
     listed = sum(layer.nbytes for layer in layers)
     total = sum(info.nbytes for info in tensors.values())
     return CheckpointSummary(kind, config, layers, total - listed, total, len(files), metadata)
+
+
+def _model_order(name: str) -> list[tuple[int, int | str]]:
+    """A sort key that puts ``layers.2`` before ``layers.10``, as the model numbers them
+    (safetensors headers list names alphabetically)."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
 
 
 def _recorded_optimize(metadata: dict[str, str]) -> bool:

@@ -1,15 +1,19 @@
 """The command line as its users meet it: help that names things, examples that run as
 written, one line for every bad value."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from cli_checks import assert_one_line_error, run_quantcli
+from cli_checks import assert_one_line_error, quantized_checkpoint, run_quantcli
 from hub_double import HubDouble
+from tiny_models import CONFIGS
+from transformers import AutoModelForCausalLM
 
+from quantcli import QuantConfig
 from quantcli.cli import eval as eval_command
 from quantcli.cli import generate, inspect, load, push, quantize
 
@@ -136,3 +140,66 @@ def test_placeholders_name_what_the_options_take():
     help_text = run_quantcli("quantize", "--help").stdout
     for placeholder in ("FOLDER", "GLOB", "8|4|2", "sym|asym", "SIZE", "REVISION", "TOKEN"):
         assert placeholder in help_text, placeholder
+
+
+def test_generate_runs_float_folders_and_warns_on_options_it_ignores(saved_models):
+    result = run_quantcli(
+        "generate",
+        saved_models("llama"),
+        "hello",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0.5",
+        "--system",
+        "be brief",
+        "--no-chat",
+        "--trust-remote-code",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["new_tokens"] == 3
+    assert result.stderr.splitlines() == [
+        "Warning: --temperature only applies when sampling: add --do-sample.",
+        "Warning: --system only applies to a chat prompt: it is ignored with --no-chat.",
+    ]
+
+
+def test_inspect_against_summarizes_per_layer_type_and_all_lists_every_layer(
+    saved_models, tmp_path
+):
+    folder = quantized_checkpoint(saved_models, tmp_path / "q")
+    summary = run_quantcli("inspect", folder, "--against", saved_models("llama"))
+    assert summary.returncode == 0, summary.stderr
+    assert "per layer type" in summary.stdout and "the 10 worst of 14 layers" in summary.stdout
+    every = run_quantcli("inspect", folder, "--against", saved_models("llama"), "--all")
+    listed = [line for line in every.stdout.splitlines() if " dB " in line]
+    assert len(listed) == 14
+
+
+def test_inspect_lists_layers_in_model_order(tmp_path):
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = 11
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    names = [
+        layer["name"]
+        for layer in json.loads(run_quantcli("inspect", tmp_path / "m", "--json").stdout)["layers"]
+    ]
+    blocks = [int(name.split(".")[2]) for name in names if name.startswith("model.layers.")]
+    assert blocks == sorted(blocks) and blocks[-1] == 10
+
+
+def test_eval_of_several_models_prints_one_table(saved_models, tmp_path):
+    int8 = quantized_checkpoint(saved_models, tmp_path / "int8", config=QuantConfig())
+    int4 = quantized_checkpoint(saved_models, tmp_path / "int4")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    result = run_quantcli(
+        "eval", int8, int4, "--baseline", saved_models("llama"), "--text", text, "--window", "32"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("┏") == 1  # one table
+    rows = [line for line in result.stdout.splitlines() if "int8 sym channel" in line]
+    rows += [line for line in result.stdout.splitlines() if "int4 asym g32" in line]
+    assert len(rows) == 2
+    assert "Loading weights" not in result.stderr  # transformers' bar for the baseline

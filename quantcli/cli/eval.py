@@ -8,6 +8,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich.table import Table
 
 from quantcli.cli.options import (
     DtypeChoice,
@@ -20,6 +21,7 @@ from quantcli.cli.options import (
 )
 from quantcli.cli.output import (
     print_eval,
+    print_wide,
     progress_bar,
     stderr,
 )
@@ -29,6 +31,7 @@ from quantcli.models.generation import load_tokenizer
 from quantcli.models.loading import load_any, summarize_folder
 from quantcli.models.source import expand_model_folders, resolve_model
 from quantcli.plots import check_plot_path, plot_evaluations
+from quantcli.units import format_bytes
 
 # Shown under --help.
 EXAMPLES = [
@@ -181,12 +184,46 @@ def evaluate_command(
         if json_output:
             print(json.dumps(results[-1]), flush=True)
             continue
-        print_eval(results[-1])
+        if len(models) == 1:
+            print_eval(results[-1])
         if saved is not None:
             stderr.print(f"Saved to {saved}")
+    if len(models) > 1 and not json_output:
+        _print_comparison(results)
     if plot is not None:
         plot_evaluations(results, plot)
         stderr.print(f"Plot: {plot}")
+
+
+# the columns of several models' comparison: (header, result key, format)
+COMPARISON = [
+    ("perplexity", "perplexity", "{:.4f}"),
+    ("baseline", "baseline_perplexity", "{:.4f}"),
+    ("Δ perplexity", "delta_perplexity_percent", "{:+.2f}%"),
+    ("KL", "kl_divergence", "{:.5f}"),
+    ("top-1", "top1_agreement", "{:.2%}"),
+    ("cosine", "cosine_similarity", "{:.5f}"),
+]
+
+
+def _print_comparison(results: list[dict]) -> None:
+    """Several models in one table: a row each, the same text and windows for all."""
+    first = results[0]
+    table = Table(
+        title=f"{first['text']}: {first['tokens']} tokens, windows of {first['window']}, "
+        f"{first['dtype']} activations"
+    )
+    table.add_column("model", no_wrap=True)
+    table.add_column("scheme", no_wrap=True)
+    table.add_column("size", justify="right")
+    columns = [column for column in COMPARISON if any(column[1] in r for r in results)]
+    for header, _, _ in columns:
+        table.add_column(header, justify="right")
+    for result in results:
+        cells = [fmt.format(result[key]) if key in result else "" for _, key, fmt in columns]
+        size = format_bytes(result["size_bytes"]) if "size_bytes" in result else ""
+        table.add_row(result["model"], result.get("scheme", ""), size, *cells)
+    print_wide(table)
 
 
 def _read_text(path: Path) -> str:

@@ -15,6 +15,7 @@ from quantcli.cli.options import (
     RevisionOption,
     RunDtypeOption,
     TokenOption,
+    TrustRemoteCodeOption,
     VerboseOption,
     check_range,
     dtype_name,
@@ -26,8 +27,8 @@ from quantcli.cli.output import (
     stderr,
 )
 from quantcli.errors import UsageError
-from quantcli.models.generation import generate_text, load_tokenizer
-from quantcli.models.loading import load_quantized
+from quantcli.models.generation import generate_text, load_tokenizer, uses_chat
+from quantcli.models.loading import load_any
 from quantcli.models.source import resolve_model
 
 # Shown under --help.
@@ -38,7 +39,11 @@ EXAMPLES = [
 
 
 def generate(
-    model: Annotated[str, typer.Argument(help="Quantized checkpoint: local folder or Hub id.")],
+    ctx: typer.Context,
+    model: Annotated[
+        str,
+        typer.Argument(help="Quantized checkpoint or float model: local folder or Hub id."),
+    ],
     prompt: Annotated[str, typer.Argument(help="The prompt, or - to read it from stdin.")],
     max_new_tokens: Annotated[
         int, typer.Option(help="Most tokens to generate.", metavar="N")
@@ -77,10 +82,12 @@ def generate(
     ] = False,
     revision: RevisionOption = None,
     token: TokenOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Generate text with a quantized model, streaming tokens as they come."""
+    """Generate text with a quantized model (or its float original, to compare), streaming
+    tokens as they come."""
     check_range("--max-new-tokens", max_new_tokens, 1)
     check_range("--top-p", top_p, 0.0, 1.0)
     check_range("--top-k", top_k, 0)
@@ -89,15 +96,18 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     source = resolve_model(model, revision, token)
-    loaded, report = load_quantized(source, device, run_dtype(dtype))
+    loaded = load_any(source, device, run_dtype(dtype), trust_remote_code)
+    activations = next(iter(loaded.parameters())).dtype
     tokenizer = load_tokenizer(source.folder)
+    for warning in _ignored_options(ctx, do_sample, uses_chat(tokenizer, chat)):
+        stderr.print(f"[yellow]Warning:[/] {warning}")
     if verbose and not json_output:
         table = Table(show_header=False, box=None)
         add_kernel_rows(
             table,
             {
-                "dtype": dtype_name(report.dtype),
-                "kernels": kernel_summary(loaded, device, report.dtype),
+                "dtype": dtype_name(activations),
+                "kernels": kernel_summary(loaded, device, activations),
             },
         )
         stderr.print(table)
@@ -132,15 +142,35 @@ def generate(
                     "first_token_seconds": round(result.first_token_seconds, 3),
                     "tokens_per_second": round(result.tokens_per_second, 2),
                     "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
-                    "dtype": dtype_name(report.dtype),
+                    "compile_seconds": round(result.compile_seconds, 3),
+                    "dtype": dtype_name(activations),
                 }
             )
         )
         return
     if result.max_new_tokens < max_new_tokens:
         stderr.print(f"(capped at {result.max_new_tokens} new tokens: the model's context is full)")
+    compiled = f" (after {result.compile_seconds:.1f} s compiling)" if compile_model else ""
     stderr.print(
-        f"{result.new_tokens} tokens in {result.seconds:.2f} s: first after "
+        f"{result.new_tokens} tokens in {result.seconds:.2f} s{compiled}: first after "
         f"{result.first_token_seconds:.2f} s ({result.prompt_tokens}-token prompt), then "
         f"{result.decode_tokens_per_second:.1f} tokens/s"
     )
+
+
+def _ignored_options(ctx: typer.Context, do_sample: bool, chat: bool) -> list[str]:
+    """The options given on the command line that this run does not use."""
+    given = {
+        name
+        for name in ("temperature", "top_p", "top_k", "seed", "system")
+        if ctx.get_parameter_source(name).name == "COMMANDLINE"
+    }
+    warnings = []
+    sampling = sorted(given - {"system"})
+    if sampling and not do_sample:
+        options = ", ".join("--" + name.replace("_", "-") for name in sampling)
+        verb = "applies" if len(sampling) == 1 else "apply"
+        warnings.append(f"{options} only {verb} when sampling: add --do-sample.")
+    if "system" in given and not chat:
+        warnings.append("--system only applies to a chat prompt: it is ignored with --no-chat.")
+    return warnings

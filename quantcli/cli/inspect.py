@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from quantcli.checkpoint import CheckpointSummary, read_eval
@@ -20,6 +19,7 @@ from quantcli.cli.options import (
 )
 from quantcli.cli.output import (
     print_eval,
+    print_wide,
     progress_bar,
     stderr,
     stdout,
@@ -45,8 +45,9 @@ def inspect(
         str | None,
         typer.Option(
             metavar="MODEL",
-            help="The float original (folder or Hub id): report each quantized layer's "
-            "relative error and SNR against it, worst first (reads one layer at a time).",
+            help="The float original (folder or Hub id): the quantized layers' relative error "
+            "and SNR against it, per layer type and the worst layers (reads one layer at a "
+            "time).",
             show_default=False,
         ),
     ] = None,
@@ -59,6 +60,9 @@ def inspect(
             show_default=False,
         ),
     ] = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="With --against: list every layer, not the worst 10.")
+    ] = False,
     revision: RevisionOption = None,
     token: TokenOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
@@ -98,22 +102,39 @@ def inspect(
     if evaluation is not None:
         print_eval(evaluation)
     if errors is not None:
-        _print_layer_errors(errors, against)
+        _print_layer_errors(errors, against, show_all)
     if plot is not None:
         stderr.print(f"Plot: {plot}")
 
 
-def _print_layer_errors(errors: list, original: str) -> None:
-    table = Table(title=f"error of each quantized layer against {original}, worst first")
+def _print_layer_errors(errors: list, original: str, show_all: bool) -> None:
+    """Per layer type (mean and worst), then the worst layers, or all of them."""
+    by_kind: dict[str, list] = {}
+    for error in errors:
+        by_kind.setdefault(error.kind, []).append(error)
+    stdout.print(f"Relative error of the quantized weights against {original}:", soft_wrap=True)
+    kinds = Table(title="per layer type, worst first")
+    kinds.add_column("layer type")
+    for column in ("layers", "mean relative error", "worst relative error"):
+        kinds.add_column(column, justify="right")
+    for kind, group in sorted(by_kind.items(), key=lambda item: -item[1][0].relative_error):
+        mean = sum(error.relative_error for error in group) / len(group)
+        kinds.add_row(kind, str(len(group)), f"{mean:.5f}", f"{group[0].relative_error:.5f}")
+    print_wide(kinds)
+    shown = errors if show_all else errors[:10]
+    title = (
+        "every quantized layer" if show_all else f"the {len(shown)} worst of {len(errors)} layers"
+    )
+    table = Table(title=f"{title} (--all lists every layer)" if not show_all else title)
     table.add_column("layer", no_wrap=True)
     table.add_column("relative error", justify="right")
     table.add_column("SNR", justify="right")
     table.add_column("")
     worst = max((error.relative_error for error in errors), default=0.0) or 1.0
-    for error in errors:
+    for error in shown:
         bar = "█" * max(1, round(30 * error.relative_error / worst))
         table.add_row(error.name, f"{error.relative_error:.5f}", f"{error.snr_db:.1f} dB", bar)
-    stdout.print(table)
+    print_wide(table)
 
 
 def _inspect_json(summary: CheckpointSummary) -> dict:
@@ -169,8 +190,7 @@ def _print_inspect(summary: CheckpointSummary, path: str) -> None:
         )
     longest = max((len(layer.name) for layer in summary.layers), default=0)
     table.columns[0].min_width = longest  # names are never cut
-    wide = stdout if stdout.is_terminal else Console(highlight=False, width=longest + 80)
-    wide.print(table)
+    print_wide(table, longest + 80)
     totals = Table(show_header=False, box=None)
     totals.add_row("format", summary.kind + (f" ({config.label})" if config else ""))
     totals.add_row("size", f"{format_bytes(summary.total_bytes)} in {summary.files} file(s)")

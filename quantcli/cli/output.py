@@ -13,6 +13,12 @@ stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
 
 
+def print_wide(table: Table, width: int = 160) -> None:
+    """Print a table whole when stdout is a file or a pipe, where rich would otherwise wrap
+    it at 80 columns; a terminal keeps its own width."""
+    (stdout if stdout.is_terminal else Console(highlight=False, width=width)).print(table)
+
+
 def progress_bar(disable: bool) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description:<40.40}"),

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from transformers.utils import logging as hf_logging
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as CommandLineError
 
@@ -94,6 +95,7 @@ def main() -> None:
     """
     signal.signal(signal.SIGINT, _raise_stopped)
     signal.signal(signal.SIGTERM, _raise_stopped)
+    hf_logging.disable_progress_bar()  # transformers' loading bars: quantcli shows its own
     try:
         code = app(prog_name="quantcli", standalone_mode=False)  # --help, --version: 0
     except NoArgsIsHelpError as error:

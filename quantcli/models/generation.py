@@ -19,6 +19,7 @@ class GenerationResult:
     seconds: float
     max_new_tokens: int  # after capping to the model's context
     first_token_seconds: float  # the prompt's prefill, up to the first new token
+    compile_seconds: float = 0.0  # with `compile`: the warm-up run that compiled, apart
 
     @property
     def tokens_per_second(self) -> float:
@@ -51,6 +52,23 @@ class _FirstTokenClock:
     def end(self) -> None:
         if self.inner is not None:
             self.inner.end()
+
+
+class _StopAfter:
+    """A stopping criterion: end generation after `tokens` new tokens (a warm-up run)."""
+
+    def __init__(self, prompt_tokens: int, tokens: int) -> None:
+        self.length = prompt_tokens + tokens
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        done = input_ids.shape[1] >= self.length
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def uses_chat(tokenizer, chat: bool | None) -> bool:
+    """Whether the prompt goes through the chat template: when asked, or by default when
+    the tokenizer has one."""
+    return bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
 
 
 def load_tokenizer(folder):
@@ -91,7 +109,7 @@ def generate_text(
         raise UsageError(f"{type(model).__name__} does not generate text (not a language model).")
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1.")
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    use_chat = uses_chat(tokenizer, chat)
     if use_chat and not getattr(tokenizer, "chat_template", None):
         raise UsageError("this tokenizer has no chat template: use --no-chat.")
     if use_chat:
@@ -122,8 +140,20 @@ def generate_text(
         options.update(temperature=None, top_p=None, top_k=None)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         options["pad_token_id"] = tokenizer.eos_token_id
+    compile_seconds = 0.0
     if compile:
         options.update(compile_options(device.type))
+        # compilation happens in the first decode steps: a short run with the same shapes
+        # (same max_new_tokens, so the same static cache) pays it, and is timed apart
+        from transformers import StoppingCriteriaList
+
+        warm_up = StoppingCriteriaList([_StopAfter(prompt_tokens, 3)])
+        compile_started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**inputs, **options, stopping_criteria=warm_up)
+        compile_seconds = time.perf_counter() - compile_started
+        if seed is not None:
+            torch.manual_seed(seed)
     clock = _FirstTokenClock(streamer)
     started = time.perf_counter()
     with torch.no_grad():
@@ -133,7 +163,13 @@ def generate_text(
     text = tokenizer.decode(new, skip_special_tokens=True)
     first = (clock.first_token_at or finished) - started
     return GenerationResult(
-        text, prompt_tokens, int(new.shape[0]), finished - started, max_new_tokens, first
+        text,
+        prompt_tokens,
+        int(new.shape[0]),
+        finished - started,
+        max_new_tokens,
+        first,
+        compile_seconds,
     )
 
 
