@@ -149,7 +149,7 @@ def test_excluded_and_group_incompatible_layers_are_listed_in_ignore(saved_model
 
 def test_existing_output_needs_overwrite_and_is_replaced_whole(saved_models, tmp_path):
     out = tmp_path / "q"
-    out.mkdir()
+    quantize_folder(saved_models("opt"), out, QuantConfig(bits=4))
     (out / "keep.txt").write_text("user data")
     with pytest.raises(UsageError, match="already exists: pass --overwrite"):
         quantize_folder(saved_models("opt"), out, QuantConfig())

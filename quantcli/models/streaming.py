@@ -35,7 +35,14 @@ from quantcli.checkpoint import (
     write_index,
 )
 from quantcli.config import QuantConfig
-from quantcli.errors import CheckpointError, InvalidTensorError, ResourceError, UsageError
+from quantcli.errors import (
+    CheckpointError,
+    InvalidTensorError,
+    QuantcliError,
+    ResourceError,
+    UsageError,
+)
+from quantcli.files import model_root
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, card_license, safetensors_copy, side_files
@@ -121,6 +128,7 @@ def quantize_checkpoint(
     (with ``torch.load(weights_only=True)``, in a temporary folder beside `out`).
     """
     out = out.expanduser().resolve()
+    _check_output_target(source, out, overwrite)
     if allow_pickle and not any(source.folder.glob("*.safetensors")):
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.unpickled-", dir=out.parent) as tmp:
@@ -137,8 +145,6 @@ def quantize_checkpoint(
                 on_tensor=on_tensor,
             )
     started = time.perf_counter()
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists: pass --overwrite to replace it.")
     if max_shard_size < 1:
         raise UsageError("--max-shard-size must be positive.")
     hf_config = load_hf_config(source.folder, trust_remote_code)
@@ -175,9 +181,9 @@ def quantize_checkpoint(
         if config.dtype is not None:
             hf_config.dtype = config.dtype
         hf_config.save_pretrained(staging)
-        for path in side_files(source.folder):
+        for path in side_files(source.folder):  # contents as regular files, never links
             if path.name != "config.json":
-                shutil.copy2(path, staging / path.name)
+                shutil.copyfile(path, staging / path.name)
         _move_into_place(staging, out, overwrite)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -364,13 +370,50 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _check_output_target(source: ModelSource, out: Path, overwrite: bool) -> None:
+    """Refuse an `out` whose replacement would lose data: the source itself, a folder inside
+    it or holding it (compared after resolving links), or with `overwrite` a folder that is
+    neither empty nor written by quantcli."""
+    root = model_root(source.folder)
+    if out == root or out.is_relative_to(root) or root.is_relative_to(out):
+        raise UsageError(
+            f"--out {out} is the source model's folder, inside it or around it: writing "
+            "there would destroy the source; choose a folder apart from it."
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already exists: pass --overwrite to replace it.")
+    if not _replaceable(out):
+        raise UsageError(
+            f"{out} is not a quantcli output: --overwrite replaces only an empty folder or "
+            "one quantcli wrote; move it away or choose another --out."
+        )
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty folder, or one whose weights carry quantcli's metadata."""
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        _, metadata = read_all_headers(weight_files(out))
+    except (QuantcliError, OSError):
+        return False
+    return "quantcli_version" in metadata
+
+
 def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished folder onto `out`; an old `out` is removed only afterwards.
 
-    Without `overwrite`, an `out` that appeared meanwhile (a concurrent run) is kept.
+    Without `overwrite`, an `out` that appeared meanwhile (a concurrent run) is kept; with
+    it, only a folder `_replaceable` allows is replaced.
     """
     if out.exists() and not overwrite:
         raise _appeared_meanwhile(out)
+    if out.exists() and not _replaceable(out):
+        raise UsageError(f"{out} appeared while quantizing and is not a quantcli output: kept it.")
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         retired.rmdir()

@@ -1,0 +1,210 @@
+"""Containment and output safety: quantcli never destroys a source or a folder it did not
+write, and never reads a file outside the model it was given (issue #17).
+
+Each case runs the command line in this process and checks the exit code, the one line on
+stderr, and what is on disk afterwards."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+from cli_checks import assert_one_line_error, run_main, run_quantcli
+from safetensors import safe_open
+
+SECRET = "hf_SecretTokenThatMustNeverBeCopied"
+
+
+def fingerprint(folder):
+    """Every file under `folder` with its sha256: equal before and after means untouched."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture
+def source(saved_models, tmp_path):
+    """A private copy of the tiny Llama, free to be broken."""
+    return shutil.copytree(saved_models("llama"), tmp_path / "src")
+
+
+@pytest.fixture
+def quantize(monkeypatch, capsys):
+    def run(*args):
+        return run_main(monkeypatch, capsys, "quantize", *args)
+
+    return run
+
+
+# --- output safety ----------------------------------------------------------------------
+
+
+def test_out_equal_to_the_source_is_refused_even_with_overwrite(source, quantize):
+    before = fingerprint(source)
+    for flags in ([], ["--overwrite"]):
+        assert_one_line_error(
+            quantize(source, "--out", source, *flags), 2, "would destroy the source"
+        )
+    assert fingerprint(source) == before
+
+
+def test_out_inside_the_source_is_refused(source, quantize):
+    before = fingerprint(source)
+    assert_one_line_error(
+        quantize(source, "--out", source / "int8", "--overwrite"), 2, "would destroy the source"
+    )
+    assert fingerprint(source) == before and not (source / "int8").exists()
+
+
+def test_out_holding_the_source_is_refused(saved_models, tmp_path, quantize):
+    nested = shutil.copytree(saved_models("llama"), tmp_path / "m" / "sub")
+    before = fingerprint(tmp_path)
+    assert_one_line_error(
+        quantize(nested, "--out", tmp_path / "m", "--overwrite"), 2, "would destroy the source"
+    )
+    assert fingerprint(tmp_path) == before
+
+
+def test_out_linking_to_the_source_is_refused(source, tmp_path, quantize):
+    (tmp_path / "alias").symlink_to(source, target_is_directory=True)
+    before = fingerprint(source)
+    assert_one_line_error(
+        quantize(source, "--out", tmp_path / "alias", "--overwrite"),
+        2,
+        "would destroy the source",
+    )
+    assert fingerprint(source) == before
+
+
+@pytest.mark.parametrize("kind", ["folder of user files", "file"])
+def test_overwrite_refuses_what_quantcli_did_not_write(source, tmp_path, quantize, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "thesis.tex").write_text("years of work")
+    before = fingerprint(tmp_path)
+    assert_one_line_error(
+        quantize(source, "--out", out, "--overwrite"), 2, "is not a quantcli output"
+    )
+    assert fingerprint(tmp_path) == before
+
+
+def test_overwrite_replaces_an_empty_folder_and_a_quantcli_output(source, tmp_path, quantize):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert quantize(source, "--out", out, "--overwrite", "--json").returncode == 0
+    first = fingerprint(out)
+    result = quantize(source, "--out", out, "--overwrite", "--bits", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    assert fingerprint(out) != first and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out",
+        "src",
+    ]
+
+
+def test_a_failed_overwrite_keeps_the_old_output(source, tmp_path, quantize, monkeypatch):
+    from quantcli.models import streaming
+
+    out = tmp_path / "out"
+    assert quantize(source, "--out", out, "--json").returncode == 0
+    before = fingerprint(out)
+
+    def broken(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming, "_write_shards", broken)
+    assert_one_line_error(quantize(source, "--out", out, "--overwrite"), 5, "filled up")
+    assert fingerprint(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+# --- containment: links, index entries, special files -----------------------------------
+
+
+def write_index(source, shard):
+    """An index that puts every tensor of the source's model.safetensors in `shard`."""
+    with safe_open(source / "model.safetensors", "pt") as f:
+        index = {"weight_map": dict.fromkeys(f.keys(), shard)}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(SECRET)
+    return path
+
+
+@pytest.mark.parametrize("name", ["LICENSE", "vocab.txt", "config.json", "README.md"])
+def test_a_side_file_linking_outside_is_refused(source, tmp_path, token_file, quantize, name):
+    (source / name).unlink(missing_ok=True)
+    (source / name).symlink_to(token_file)
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, f"{name} leads outside the model folder")
+    assert SECRET not in result.stderr and not (tmp_path / "q").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "token"]
+
+
+def test_a_link_to_a_system_file_is_refused_by_every_command(source, tmp_path, monkeypatch):
+    (source / "vocab.txt").symlink_to("/etc/passwd")
+    for command in (["inspect", source], ["load", source], ["generate", source, "hi"]):
+        assert_one_line_error(run_quantcli(*command), 4, "vocab.txt leads outside")
+
+
+def test_weights_linking_outside_are_refused(source, tmp_path, quantize):
+    outside = tmp_path / "elsewhere.safetensors"
+    (source / "model.safetensors").rename(outside)
+    (source / "model.safetensors").symlink_to(outside)
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, "model.safetensors leads outside the model folder")
+    assert not (tmp_path / "q").exists()
+
+
+def test_links_inside_the_folder_are_followed_and_copied_as_files(source, tmp_path, quantize):
+    (source / "licenses").mkdir()
+    (source / "licenses" / "apache.txt").write_text("Apache License 2.0")
+    (source / "LICENSE").symlink_to("licenses/apache.txt")
+    (source / "weights").mkdir()
+    (source / "model.safetensors").rename(source / "weights" / "real.safetensors")
+    (source / "model.safetensors").symlink_to("weights/real.safetensors")
+    result = quantize(source, "--out", tmp_path / "q", "--json")
+    assert result.returncode == 0, result.stderr
+    copied = tmp_path / "q" / "LICENSE"
+    assert not copied.is_symlink() and copied.read_text() == "Apache License 2.0"
+
+
+@pytest.mark.parametrize(
+    "entry", ["../outside/x.safetensors", "/tmp/x.safetensors", "sub/../../x.safetensors"]
+)
+def test_an_index_pointing_outside_is_refused(source, tmp_path, quantize, entry):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(source / "model.safetensors", outside / "x.safetensors")
+    write_index(source, entry)
+    (source / "model.safetensors").unlink()
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, "points outside the model folder")
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_index_entry_linking_outside_is_refused(source, tmp_path, quantize):
+    write_index(source, "shard.safetensors")
+    outside = tmp_path / "x.safetensors"
+    (source / "model.safetensors").rename(outside)
+    (source / "shard.safetensors").symlink_to(outside)
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, "shard.safetensors leads outside")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_fifo_is_refused_without_blocking(source, tmp_path, name):
+    (source / name).unlink()
+    os.mkfifo(source / name)
+    result = run_quantcli("quantize", source, "--out", tmp_path / "q", timeout=60)
+    assert_one_line_error(result, 4, f"{name} is not a regular file")
+    assert not (tmp_path / "q").exists()
