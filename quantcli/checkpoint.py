@@ -36,6 +36,8 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 COMPRESSED_TENSORS_VERSION = "0.20.0"
 EVAL_NAME = "quantcli_eval.json"  # quality figures recorded by `quantcli eval`
+#: Where a local source lies, for `eval` to find its baseline; never uploaded by `push`.
+LOCAL_SOURCE_NAME = "quantcli_local_source.json"
 
 _DTYPES = {  # every safetensors dtype torch can hold; F4 and F6_* are refused by name
     "F64": torch.float64,
@@ -512,6 +514,20 @@ def _packed_in_features(parts: dict[str, TensorInfo], config: QuantConfig) -> in
     if config.granularity is Granularity.GROUP:
         return parts["weight_scale"].shape[1] * config.group_size
     return parts["weight_packed"].shape[1] * 32 // config.bits  # exact for in % (32/bits) == 0
+
+
+def write_local_source(folder: Path, source: Path) -> None:
+    (folder / LOCAL_SOURCE_NAME).write_text(json.dumps({"path": str(source)}) + "\n")
+
+
+def read_local_source(folder: Path) -> str | None:
+    """The local source's absolute path recorded by `write_local_source`, or None."""
+    try:
+        recorded = json.loads((folder / LOCAL_SOURCE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    path = recorded.get("path") if isinstance(recorded, dict) else None
+    return path if isinstance(path, str) else None
 
 
 def read_eval(folder: Path) -> dict | None:

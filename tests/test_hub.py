@@ -17,6 +17,8 @@ import yaml
 from cli_checks import assert_one_line_error
 from hub_double import HubDouble
 
+from quantcli.checkpoint import LOCAL_SOURCE_NAME
+
 ALICE, BOB = "tok-alice-5f2c", "tok-bob-91aa"
 
 
@@ -181,6 +183,19 @@ def test_quantize_from_the_hub_and_a_card_naming_the_base_model(cli, saved_model
     assert 'quantcli.load("alice/tiny-llama-int8")' in card
     commit = hub.state.repos["alice/tiny-llama-int8"].refs["main"]
     assert "README.md" in hub.state.repos["alice/tiny-llama-int8"].commits[commit].files
+
+
+def test_push_publishes_no_local_path(cli, checkpoint, hub, saved_models):
+    """The local-source file eval reads is never uploaded; nothing pushed names a path."""
+    assert (checkpoint / LOCAL_SOURCE_NAME).is_file()
+    assert cli("push", checkpoint, "alice/tiny", token=ALICE).returncode == 0
+    repo = hub.state.repos["alice/tiny"]
+    files = repo.commits[repo.refs["main"]].files
+    assert LOCAL_SOURCE_NAME not in files and "model.safetensors" in files
+    source = str(saved_models("llama"))
+    assert not [name for name, data in files.items() if source.encode() in data]
+    card = files["README.md"].decode()
+    assert f"`{saved_models('llama').name}`" in card and "source weights sha256" in card
 
 
 def test_an_edited_card_is_kept_unless_asked(cli, checkpoint):

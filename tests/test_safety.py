@@ -13,6 +13,8 @@ import pytest
 from cli_checks import assert_one_line_error, run_main, run_quantcli
 from safetensors import safe_open
 
+from quantcli.checkpoint import LOCAL_SOURCE_NAME
+
 SECRET = "hf_SecretTokenThatMustNeverBeCopied"
 
 
@@ -208,3 +210,41 @@ def test_a_fifo_is_refused_without_blocking(source, tmp_path, name):
     result = run_quantcli("quantize", source, "--out", tmp_path / "q", timeout=60)
     assert_one_line_error(result, 4, f"{name} is not a regular file")
     assert not (tmp_path / "q").exists()
+
+
+# --- privacy: what the output records about the source ---------------------------------
+
+
+def test_a_local_source_is_recorded_by_name_and_digest_never_by_path(source, tmp_path, quantize):
+    out = tmp_path / "out"
+    assert quantize(source, "--out", out, "--token", SECRET, "--json").returncode == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    weights = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    assert (metadata["source_model"], metadata["source_sha256"]) == ("src", weights)
+    assert (
+        metadata["source_revision"] == ""
+        and "quantcli quantize src --out out" in (metadata["quantcli_command"])
+    )
+    local = out / LOCAL_SOURCE_NAME  # for eval, kept out of every upload
+    assert json.loads(local.read_text()) == {"path": str(source.resolve())}
+    for path in out.iterdir():
+        if path != local:
+            content = path.read_bytes()
+            assert str(tmp_path).encode() not in content and SECRET.encode() not in content
+
+
+@pytest.mark.parametrize(
+    ("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)]
+)
+def test_outputs_get_the_permissions_the_umask_gives(
+    source, tmp_path, quantize, umask, folder_mode, file_mode
+):
+    previous = os.umask(umask)
+    try:
+        assert quantize(source, "--out", tmp_path / "out", "--json").returncode == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == folder_mode
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == file_mode, path.name

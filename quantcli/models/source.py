@@ -48,6 +48,18 @@ class ModelSource:
     model_id: str  # as the user named it: Hub id or path
     revision: str | None  # the Hub commit, None for a local folder
 
+    @property
+    def local_folder(self) -> Path | None:
+        """The folder the user named, resolved (not `folder`, which may be a temporary
+        conversion); None for a Hub source."""
+        return None if self.revision else Path(self.model_id).expanduser().resolve()
+
+    @property
+    def public_name(self) -> str:
+        """How published files name the source: the Hub id, or a local folder's name only
+        (an absolute path would tell the world who made it, and where)."""
+        return self.model_id if self.local_folder is None else self.local_folder.name
+
 
 def resolve_model(
     model: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
 import resource
 import shutil
@@ -33,6 +34,7 @@ from quantcli.checkpoint import (
     shard_name,
     weight_files,
     write_index,
+    write_local_source,
 )
 from quantcli.config import QuantConfig
 from quantcli.errors import (
@@ -42,7 +44,7 @@ from quantcli.errors import (
     ResourceError,
     UsageError,
 )
-from quantcli.files import model_root
+from quantcli.files import model_root, umask_mode
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, card_license, safetensors_copy, side_files
@@ -168,9 +170,13 @@ def quantize_checkpoint(
     output_bytes = sum(spec.nbytes for item in plan.items for spec in item.specs)
     _check_free_space(out.parent, output_bytes)
     staging = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
+    staging.chmod(umask_mode())  # mkdtemp's 0700 would outlive the rename
     shards = plan.shards(max_shard_size)
     try:
-        metadata = header_metadata(config, source.model_id, source.revision)
+        metadata = header_metadata(config, source.public_name, source.revision)
+        if source.local_folder is not None:
+            metadata["source_sha256"] = _weights_sha256(files)
+            write_local_source(staging, source.local_folder)
         metadata["source_bytes"] = str(sum(info.nbytes for info in tensors.values()))
         metadata["source_license"] = card_license(source.folder) or ""
         metadata["quantcli_command"] = command or ""
@@ -208,6 +214,17 @@ def quantize_checkpoint(
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
+
+
+def _weights_sha256(files: list[Path]) -> str:
+    """One sha256 over the weight files' bytes, in order: names a local source exactly
+    without saying where it lies."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _plan(
