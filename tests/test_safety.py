@@ -1,5 +1,6 @@
-"""Containment and output safety: quantcli never destroys a source or a folder it did not
-write, and never reads a file outside the model it was given (issue #17).
+"""Safety against hostile or broken input (issue #17): quantcli never destroys a source or a
+folder it did not write, never reads a file outside the model it was given, never publishes
+a local path, and refuses malformed headers, indexes and configs by name.
 
 Each case runs the command line in this process and checks the exit code, the one line on
 stderr, and what is on disk afterwards."""
@@ -8,10 +9,13 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 
 import pytest
+import torch
 from cli_checks import assert_one_line_error, run_main, run_quantcli
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from quantcli.checkpoint import LOCAL_SOURCE_NAME
 
@@ -248,3 +252,142 @@ def test_outputs_get_the_permissions_the_umask_gives(
     assert (tmp_path / "out").stat().st_mode & 0o777 == folder_mode
     for path in (tmp_path / "out").iterdir():
         assert path.stat().st_mode & 0o777 == file_mode, path.name
+
+
+# --- strict reading: headers, indexes, config fields, shapes ----------------------------
+
+
+def raw_header(folder, header_json: str, data: bytes = b"\0" * 8):
+    """Replace the weights by a file with this literal header (duplicates stay duplicate)."""
+    encoded = header_json.encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def edit_config(**fields):
+    def change(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config.update(fields)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return change
+
+
+def replace_tensor(name, tensor):
+    def change(folder):
+        tensors = load_file(folder / "model.safetensors")
+        tensors[name] = tensor
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return change
+
+
+def two_shards_with_one_tensor(folder):
+    shutil.copy(folder / "model.safetensors", folder / "model-b.safetensors")
+    (folder / "model.safetensors").rename(folder / "model-a.safetensors")
+
+
+def index_naming_a_ghost(folder):
+    write_index(folder, "model.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.ghost.weight"] = "model.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def index_with_a_number(folder):
+    write_index(folder, "model.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = 7
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def f32(start, end):
+    """A header entry for two float32 values at these offsets."""
+    return json.dumps({"dtype": "F32", "shape": [2], "data_offsets": [start, end]})
+
+
+STRICT_CASES = {  # name: (change to the source, exit code, fragment of the one line)
+    "duplicate tensor name": (
+        lambda f: raw_header(f, f'{{"a":{f32(0, 8)},"a":{f32(0, 8)}}}'),
+        4,
+        "names 'a' twice",
+    ),
+    "overlapping offsets": (
+        lambda f: raw_header(f, f'{{"a":{f32(0, 8)},"b":{f32(4, 12)}}}', b"\0" * 12),
+        4,
+        "invalid offset",
+    ),
+    "metadata as a list": (
+        lambda f: raw_header(f, f'{{"__metadata__":["x"],"a":{f32(0, 8)}}}'),
+        4,
+        "model.safetensors is truncated or corrupt",
+    ),
+    "deeply nested header": (
+        lambda f: raw_header(f, '{"a":' + "[" * 5000 + "]" * 5000 + "}"),
+        4,
+        "recursion limit",
+    ),
+    "unknown dtype": (
+        lambda f: raw_header(f, f'{{"a":{f32(0, 8).replace("F32", "Q4")}}}'),
+        4,
+        "Q4",
+    ),
+    "sub-byte dtype": (
+        lambda f: raw_header(f, '{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}', b"\0"),
+        4,
+        "dtype F4, which quantcli cannot read",
+    ),
+    "tensor in two shards": (two_shards_with_one_tensor, 4, "is in both model-a.safetensors"),
+    "index names a missing tensor": (
+        index_naming_a_ghost,
+        4,
+        "puts tensor 'model.ghost.weight' in model.safetensors, which does not hold it",
+    ),
+    "index value not a string": (index_with_a_number, 4, "must be a file name, not 7"),
+    "hidden_size as a string": (edit_config(hidden_size="64"), 4, "'hidden_size' expected int"),
+    "vocab_size as a float": (edit_config(vocab_size=128.5), 4, "'vocab_size' expected int"),
+    "negative size": (edit_config(vocab_size=-1), 4, "does not describe a buildable"),
+    "architectures disagreeing with model_type": (
+        edit_config(architectures=["GPT2LMHeadModel"]),
+        4,
+        "GPT2LMHeadModel, a 'gpt2' model, but model_type is 'llama'",
+    ),
+    "architectures as a string": (
+        edit_config(architectures="LlamaForCausalLM"),
+        4,
+        "'architectures' must be a list",
+    ),
+    "linear weight disagreeing with the config": (
+        replace_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(100, 64)),
+        4,
+        "'model.layers.0.mlp.up_proj.weight' has shape [100, 64] but config.json implies",
+    ),
+    "norm disagreeing with the config": (
+        replace_tensor("model.norm.weight", torch.zeros(65)),
+        4,
+        "'model.norm.weight' has shape [65]",
+    ),
+    "integer linear weight": (
+        replace_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64).to(torch.uint16)),
+        4,
+        "expected a floating-point weight, got torch.uint16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", STRICT_CASES)
+def test_strict_reading(case, source, tmp_path, quantize):
+    change, code, fragment = STRICT_CASES[case]
+    change(source)
+    assert_one_line_error(quantize(source, "--out", tmp_path / "q"), code, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_fp8_source_is_read_and_widened_to_bf16(source, tmp_path, quantize):
+    tensors = load_file(source / "model.safetensors")
+    fp8 = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in tensors.items()}
+    save_file(fp8, source / "model.safetensors", metadata={"format": "pt"})
+    assert quantize(source, "--out", tmp_path / "q", "--json").returncode == 0
+    written = load_file(tmp_path / "q" / "model.safetensors")
+    assert written["model.norm.weight"].dtype == torch.bfloat16
+    assert written["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    assert written["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8

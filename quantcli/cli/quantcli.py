@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from transformers.utils import logging as transformers_logging
 
 from quantcli import __version__
 from quantcli.cli import eval as eval_command
@@ -90,6 +91,7 @@ def main() -> None:
     """
     signal.signal(signal.SIGINT, _raise_stopped)
     signal.signal(signal.SIGTERM, _raise_stopped)
+    transformers_logging.set_verbosity_error()  # its warnings would break the one-line rule
     try:
         app()  # usage errors and --help are handled by Typer, which exits itself
     except QuantcliError as error:

@@ -234,10 +234,17 @@ def _plan(
     config: QuantConfig,
 ) -> _Plan:
     """Map every source tensor to the output tensors it becomes."""
-    model_keys = set(skeleton.state_dict())
+    expected = skeleton.state_dict()
+    model_keys = set(expected)
     prefix = getattr(skeleton, "base_model_prefix", "")
     rename = {key: model_key(key, model_keys, prefix) for key in tensors}
     by_model_key = {rename[key]: info for key, info in tensors.items()}
+    for name, info in by_model_key.items():
+        if name in expected and tuple(expected[name].shape) != info.shape:
+            raise CheckpointError(
+                f"tensor '{info.name}' has shape {list(info.shape)} but config.json implies "
+                f"{list(expected[name].shape)}: the weights and the config disagree."
+            )
     quantized = set(replaced)
     scale_dtypes = {}
     plan = _Plan()
@@ -247,7 +254,7 @@ def _plan(
             raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
         module = skeleton.get_submodule(name)
         out_features, in_features = linear_weight(module).shape
-        scale_dtypes[name] = config.dtype or info.dtype
+        scale_dtypes[name] = config.dtype or _stored_float(info.dtype)
         layout = QuantLinear(in_features, out_features, False, config, scale_dtypes[name], "meta")
         plan.add(
             _Item(
@@ -269,7 +276,7 @@ def _plan(
             continue
         dtype = scale_dtypes.get(module) if module in quantized else config.dtype
         if dtype is None or not info.dtype.is_floating_point:
-            dtype = info.dtype
+            dtype = _stored_float(info.dtype)
         plan.add(
             _Item(
                 module=module,
@@ -278,6 +285,12 @@ def _plan(
             )
         )
     return plan
+
+
+def _stored_float(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a source tensor is written in by default: its own, except 8-bit floats
+    (FP8 sources), widened to bf16, which every reader and kernel takes."""
+    return torch.bfloat16 if dtype.is_floating_point and dtype.itemsize == 1 else dtype
 
 
 def _warnings(skeleton, report, config: QuantConfig) -> list[str]:
@@ -310,6 +323,8 @@ def model_key(key: str, model_keys: set[str], prefix: str) -> str:
 def _quantizer(name, info, config, scale_dtype, transposed):
     def produce() -> dict[str, torch.Tensor]:
         weight = read_tensor(info)
+        if weight.is_floating_point() and weight.dtype.itemsize == 1:  # FP8: widen first
+            weight = weight.to(scale_dtype)
         if transposed:  # GPT-2's Conv1D stores (in, out)
             weight = weight.t()
         try:
