@@ -12,6 +12,7 @@ import sys
 from typing import Annotated
 
 import typer
+from huggingface_hub.utils import disable_progress_bars
 from rich.markup import escape
 from transformers.utils import logging as transformers_logging
 
@@ -20,6 +21,12 @@ from quantcli.cli import eval as eval_command
 from quantcli.cli import generate, inspect, load, push, quantize
 from quantcli.cli.output import stderr
 from quantcli.errors import QuantcliError, first_line
+from quantcli.network import (
+    DEFAULT_HUB_TIMEOUT,
+    HUB_TIMEOUT_ENV,
+    bound_hub_requests,
+    is_network_failure,
+)
 
 app = typer.Typer(
     name="quantcli",
@@ -30,7 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_state = {"debug": False}
+_state: dict = {"debug": False, "hub_timeout": DEFAULT_HUB_TIMEOUT}
 
 
 def _epilog(examples: list[str]) -> str:
@@ -63,9 +70,21 @@ def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the full traceback when a command fails.")
     ] = False,
+    hub_timeout: Annotated[
+        float,
+        typer.Option(
+            "--hub-timeout",
+            envvar=HUB_TIMEOUT_ENV,
+            min=0.1,
+            help="Seconds a Hub request may wait to connect, and then for each answer, "
+            "before the command stops with exit 3.",
+        ),
+    ] = DEFAULT_HUB_TIMEOUT,
 ) -> None:
     """Quantize Hugging Face checkpoints, publish them to the Hub and run them."""
     _state["debug"] = debug
+    _state["hub_timeout"] = hub_timeout
+    bound_hub_requests(hub_timeout)
 
 
 class Stopped(BaseException):
@@ -91,7 +110,8 @@ def main() -> None:
     """
     signal.signal(signal.SIGINT, _raise_stopped)
     signal.signal(signal.SIGTERM, _raise_stopped)
-    transformers_logging.set_verbosity_error()  # its warnings would break the one-line rule
+    transformers_logging.set_verbosity_error()  # their warnings and progress bars would
+    disable_progress_bars()  # break the one-line rule (quantcli draws its own)
     try:
         app()  # usage errors and --help are handled by Typer, which exits itself
     except QuantcliError as error:
@@ -106,6 +126,15 @@ def main() -> None:
             _fail(error, "the disk is full: free some space and run again.", 5)
         _fail(error, f"{first_line(error)}.", 1)
     except Exception as error:
+        if is_network_failure(error):
+            _fail(
+                error,
+                f"the Hub did not answer in time or dropped the connection "
+                f"({type(error).__name__}; each request may wait {_state['hub_timeout']:g} s): "
+                f"check your connection or HF_ENDPOINT, or raise --hub-timeout / "
+                f"{HUB_TIMEOUT_ENV}.",
+                3,
+            )
         _fail(
             error,
             f"internal error ({type(error).__name__}: {first_line(error)}): a bug in quantcli; "
