@@ -391,3 +391,49 @@ def test_an_fp8_source_is_read_and_widened_to_bf16(source, tmp_path, quantize):
     assert written["model.norm.weight"].dtype == torch.bfloat16
     assert written["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
     assert written["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+
+
+# --- leftovers of --allow-pickle conversion ---------------------------------------------
+
+
+@pytest.fixture
+def pickle_source(source):
+    tensors = load_file(source / "model.safetensors")
+    torch.save(tensors, source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    return source
+
+
+def test_a_dead_runs_conversion_folder_is_removed_by_the_next_run(
+    pickle_source, tmp_path, quantize
+):
+    dead = tmp_path / ".q.unpickled-999999999-abc"  # no such process: a SIGKILLed run's
+    dead.mkdir()
+    (dead / "pytorch_model.safetensors").write_bytes(b"float copy")
+    result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle", "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]
+
+
+def test_a_full_disk_during_conversion_is_exit_5(pickle_source, tmp_path, quantize, monkeypatch):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle")
+    assert_one_line_error(result, 5, "filled up")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_too_little_space_for_the_conversion_is_refused_first(
+    pickle_source, tmp_path, quantize, monkeypatch
+):
+    from quantcli.models import streaming
+
+    usage = streaming.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle")
+    assert_one_line_error(result, 5, "needs about")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -133,8 +133,18 @@ def quantize_checkpoint(
     _check_output_target(source, out, overwrite)
     if allow_pickle and not any(source.folder.glob("*.safetensors")):
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.unpickled-", dir=out.parent) as tmp:
-            converted = safetensors_copy(source, Path(tmp))
+        _remove_stale_partials(out)
+        pickles = [*source.folder.glob("*.bin"), *source.folder.glob("*.pt")]
+        _check_free_space(out.parent, sum(path.stat().st_size for path in pickles))
+        with tempfile.TemporaryDirectory(
+            prefix=f"{_temporary_prefixes(out)[1]}{os.getpid()}-", dir=out.parent
+        ) as tmp:
+            try:
+                converted = safetensors_copy(source, Path(tmp))
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _disk_full(out) from None
+                raise
             return quantize_checkpoint(
                 converted,
                 out,
@@ -169,7 +179,9 @@ def quantize_checkpoint(
     _remove_stale_partials(out)
     output_bytes = sum(spec.nbytes for item in plan.items for spec in item.specs)
     _check_free_space(out.parent, output_bytes)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{_temporary_prefixes(out)[0]}{os.getpid()}-", dir=out.parent)
+    )
     staging.chmod(umask_mode())  # mkdtemp's 0700 would outlive the rename
     shards = plan.shards(max_shard_size)
     try:
@@ -194,10 +206,7 @@ def quantize_checkpoint(
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceError(
-                f"the disk under {out.parent} filled up while writing; nothing was kept. "
-                "Free some space or choose another --out."
-            ) from None
+            raise _disk_full(out) from None
         raise
 
     quantized_items = [item for item in plan.items if item.quantized_params]
@@ -375,8 +384,17 @@ def _check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def _partial_prefix(out: Path) -> str:
-    return f".{out.name}.partial-"
+def _disk_full(out: Path) -> ResourceError:
+    return ResourceError(
+        f"the disk under {out.parent} filled up while writing; nothing was kept. "
+        "Free some space or choose another --out."
+    )
+
+
+def _temporary_prefixes(out: Path) -> tuple[str, str]:
+    """Names of the temporary folders beside `out`: the partial output, the safetensors
+    copy of a pickle source. Both are followed by the writing process's id."""
+    return f".{out.name}.partial-", f".{out.name}.unpickled-"
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -385,11 +403,11 @@ def _remove_stale_partials(out: Path) -> None:
     Their names carry the process id; a folder whose process is gone is garbage, one whose
     process still runs belongs to a concurrent run and is left alone.
     """
-    prefix = _partial_prefix(out)
-    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name.removeprefix(prefix).split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    for prefix in _temporary_prefixes(out):
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = path.name.removeprefix(prefix).split("-", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:
