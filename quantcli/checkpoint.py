@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from quantcli.config import Granularity, QuantConfig, Scheme
-from quantcli.errors import CheckpointError
+from quantcli.errors import CheckpointError, first_line
+from quantcli.files import contained_file, model_root, require_regular_file
 from quantcli.tensor.packing import require_little_endian
 
 # 2: 8-bit weights packed into int32 words (pack-quantized), as compressed-tensors writes them
@@ -37,8 +38,10 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 COMPRESSED_TENSORS_VERSION = "0.20.0"
 EVAL_NAME = "quantcli_eval.json"  # quality figures recorded by `quantcli eval`
+#: Where a local source lies, for `eval` to find its baseline; never uploaded by `push`.
+LOCAL_SOURCE_NAME = "quantcli_local_source.json"
 
-_DTYPES = {
+_DTYPES = {  # every safetensors dtype torch can hold; F4 and F6_* are refused by name
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -49,9 +52,17 @@ _DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "C64": torch.complex64,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -84,41 +95,54 @@ class TensorSpec:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """The tensors and the metadata of a safetensors file, without reading tensor data."""
+    """The tensors and the metadata of a safetensors file, without reading tensor data.
+
+    The `safetensors` library parses and validates the header first (offsets that overlap
+    or leave gaps, unknown dtypes, oversized or malformed headers are its refusals); only
+    then are the offsets read here, for the streaming reader.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    require_regular_file(path)
     try:
+        with safe_open(path, framework="pt") as checked:
+            metadata = checked.metadata() or {}
         with open(path, "rb") as f:
-            size_bytes = f.read(8)
-            file_size = path.stat().st_size
-            if len(size_bytes) < 8:
-                raise CheckpointError(f"{path.name} is not a safetensors file (too short).")
-            (header_size,) = struct.unpack("<Q", size_bytes)
-            if header_size > min(_MAX_HEADER, file_size - 8):
-                raise CheckpointError(f"{path.name} has a corrupt safetensors header.")
-            header = json.loads(f.read(header_size))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path.name} has a corrupt safetensors header.") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} has a corrupt safetensors header.")
-    metadata = header.pop("__metadata__", None) or {}
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size), object_pairs_hook=_refuse_duplicates(path))
+    except SafetensorError as error:
+        reason = first_line(error).removeprefix("Error while deserializing header: ")
+        raise CheckpointError(
+            f"{path.name} is truncated or corrupt ({reason}): download or write it again."
+        ) from None
+    header.pop("__metadata__", None)
     data_start = 8 + header_size
     tensors = {}
     for name, entry in header.items():
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
             raise CheckpointError(
-                f"{path.name}: tensor '{name}' has an unreadable header entry."
-            ) from None
-        expected = math.prod(shape) * _element_size(dtype)
-        if end - start != expected or start < 0 or data_start + end > file_size:
-            raise CheckpointError(
-                f"{path.name}: tensor '{name}' lies outside the file or has the wrong size "
-                "(truncated or corrupt file): download or write it again."
+                f"{path.name}: tensor '{name}' has dtype {entry['dtype']}, which quantcli "
+                "cannot read (sub-byte floats are not supported)."
             )
-        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + start, expected)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+        start, end = entry["data_offsets"]
+        tensors[name] = TensorInfo(
+            name, dtype, tuple(entry["shape"]), path, data_start + start, end - start
+        )
+    return tensors, metadata
+
+
+def _refuse_duplicates(path: Path):
+    """A JSON object hook that refuses a name given twice (JSON keeps the last silently)."""
+
+    def build(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            duplicate = next(key for key in result if sum(k == key for k, _ in pairs) > 1)
+            raise CheckpointError(f"{path.name}: the header names '{duplicate}' twice.")
+        return result
+
+    return build
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
@@ -134,24 +158,22 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder, from its index when it is sharded."""
+    """The safetensors files of a model folder, from its index when it is sharded.
+
+    Every file must be a regular file inside the model's root (`contained_file`); an index
+    must name each tensor in the shard that holds it.
+    """
+    root = model_root(folder)
     index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index.") from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(
-                f"{folder} lacks the shard(s) {', '.join(missing)} named in its index."
-            )
-        return files
-    if (folder / WEIGHTS_NAME).is_file():
+    if index.exists() or index.is_symlink():
+        return _indexed_files(folder, contained_file(index, root), root)
+    if (folder / WEIGHTS_NAME).exists() or (folder / WEIGHTS_NAME).is_symlink():
+        contained_file(folder / WEIGHTS_NAME, root)
         return [folder / WEIGHTS_NAME]
     singles = sorted(folder.glob("*.safetensors"))
     if singles:
+        for path in singles:
+            contained_file(path, root)
         return singles
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
         p.name for p in folder.glob("*.pt")
@@ -165,13 +187,55 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} holds no safetensors weights.")
 
 
+def _indexed_files(folder: Path, index: Path, root: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
+        raise CheckpointError(f"{INDEX_NAME} is not a valid safetensors index.") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{INDEX_NAME}: 'weight_map' must map tensor names to files.")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointError(
+                f"{INDEX_NAME}: the file of tensor '{name}' must be a file name, not {file!r}."
+            )
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise CheckpointError(
+                f"{INDEX_NAME}: tensor '{name}' points outside the model folder ({file}): "
+                "refusing to read it."
+            )
+    files = [folder / name for name in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.exists() and not f.is_symlink()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} lacks the shard(s) {', '.join(missing)} named in its index."
+        )
+    held = {}
+    for path in files:
+        contained_file(path, root)
+        held[path] = read_header(path)[0]
+    for name, file in weight_map.items():
+        if name not in held[folder / file]:
+            raise CheckpointError(
+                f"{INDEX_NAME} puts tensor '{name}' in {file}, which does not hold it."
+            )
+    return files
+
+
 def read_all_headers(files: Iterable[Path]) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Every tensor of a checkpoint, and the first shard's metadata."""
+    """Every tensor of a checkpoint, and the first shard's metadata; a tensor in two files
+    is refused (which copy would win is arbitrary)."""
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] | None = None
     for path in files:
         infos, meta = read_header(path)
-        tensors.update(infos)
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"tensor '{name}' is in both {tensors[name].file.name} and {path.name}: "
+                    "keep one copy."
+                )
+            tensors[name] = info
         metadata = meta if metadata is None else metadata
     return tensors, metadata or {}
 
@@ -487,6 +551,20 @@ def _packed_in_features(parts: dict[str, TensorInfo], config: QuantConfig) -> in
     if config.granularity is Granularity.GROUP:
         return parts["weight_scale"].shape[1] * config.group_size
     return parts["weight_packed"].shape[1] * 32 // config.bits  # exact for in % (32/bits) == 0
+
+
+def write_local_source(folder: Path, source: Path) -> None:
+    (folder / LOCAL_SOURCE_NAME).write_text(json.dumps({"path": str(source)}) + "\n")
+
+
+def read_local_source(folder: Path) -> str | None:
+    """The local source's absolute path recorded by `write_local_source`, or None."""
+    try:
+        recorded = json.loads((folder / LOCAL_SOURCE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    path = recorded.get("path") if isinstance(recorded, dict) else None
+    return path if isinstance(path, str) else None
 
 
 def read_eval(folder: Path) -> dict | None:

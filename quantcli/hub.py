@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantcli import __version__
-from quantcli.checkpoint import CheckpointSummary, read_eval
+from quantcli.checkpoint import LOCAL_SOURCE_NAME, CheckpointSummary, read_eval
 from quantcli.config import Scheme
 from quantcli.errors import AuthError, CheckpointError, NotFoundError
 from quantcli.models.loading import summarize_folder
@@ -81,7 +81,7 @@ def push_checkpoint(
             commit_message=commit_message
             or f"Upload {summary.config.label} checkpoint with quantcli",
             create_pr=create_pr,
-            ignore_patterns=[".*", "**/.*"],
+            ignore_patterns=[".*", "**/.*", LOCAL_SOURCE_NAME],
         )
     except HfHubHTTPError as error:
         raise AuthError(
@@ -126,7 +126,7 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
 
     meta, config = summary.metadata, summary.config
     source = meta.get("source_model", "")
-    on_hub = bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source)) and not Path(source).exists()
+    on_hub = bool(meta.get("source_revision")) and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source))
     hf_config = json.loads((folder / "config.json").read_text())
     data = ModelCardData(
         base_model=source if on_hub else None,
@@ -145,6 +145,7 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
         ("granularity", config.granularity.value),
         ("group size", str(config.group_size or "-")),
         ("linear layers kept in float", kept),
+        *([("source weights sha256", meta["source_sha256"])] if "source_sha256" in meta else []),
         ("size before", format_bytes(source_bytes) if source_bytes else "unknown"),
         ("size after", format_bytes(summary.total_bytes)),
         ("effective bits per weight", f"{summary.bits_per_weight:.3f} (quantized layers)"),

@@ -13,6 +13,8 @@ import hashlib
 import hmac
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +60,11 @@ class HubState:
         self.secret = b"hub-double-signing-key"
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
+        #: A network fault for requests whose path starts with `fault_prefix`: "stall"
+        #: (read the request, never answer) or "reset" (drop the connection with a RST).
+        self.fault: str | None = None
+        self.fault_prefix = "/"
+        self.released = threading.Event()  # set on shutdown: stalled handlers return
 
     def commit(self, repo: Repo, parent: str | None, files, lfs, message) -> Commit:
         seed = f"{repo.repo_id}{parent}{message}{time.time_ns()}{sorted(files)}".encode()
@@ -91,6 +98,8 @@ class Handler(BaseHTTPRequestHandler):
         self.state.requests.append((method, path))
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        if self.state.fault and path.startswith(self.state.fault_prefix):
+            return self._misbehave(self.state.fault)
         try:
             with self.state.lock:
                 self._route(method, path, query, body)
@@ -103,6 +112,16 @@ class Handler(BaseHTTPRequestHandler):
     do_HEAD = lambda self: self._dispatch("HEAD")  # noqa: E731
     do_POST = lambda self: self._dispatch("POST")  # noqa: E731
     do_PUT = lambda self: self._dispatch("PUT")  # noqa: E731
+
+    def _misbehave(self, fault: str) -> None:
+        self.close_connection = True
+        if fault == "stall":
+            self.state.released.wait()
+        elif fault == "reset":  # linger 0: close() sends RST instead of FIN
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
 
     def _send(self, status: int, payload=None, headers=None, raw: bytes | None = None) -> None:
         data = raw if raw is not None else json.dumps(payload).encode()
@@ -359,5 +378,6 @@ class HubDouble:
         return self
 
     def __exit__(self, *_) -> None:
+        self.state.released.set()
         self.server.shutdown()
         self.server.server_close()

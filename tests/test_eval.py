@@ -116,10 +116,13 @@ def test_cli_eval_compares_with_the_recorded_source_and_saves(saved_models, tmp_
     out = quantized_checkpoint(
         saved_models, tmp_path / "llama-q", config=QuantConfig(bits=2, group_size=16)
     )
-    result = quantcli("eval", out, "--max-tokens", "200", "--window", "64", "--json")
+    elsewhere = tmp_path / "elsewhere"  # the local source is found from any directory
+    elsewhere.mkdir()
+    result = quantcli("eval", out, "--max-tokens", "200", "--window", "64", "--json", cwd=elsewhere)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["baseline"] == str(saved_models("llama")) and summary["tokens"] == 199
+    assert summary["baseline"] == saved_models("llama").name and summary["tokens"] == 199
+    assert summary["model"] == "llama-q"  # names, never paths: the card publishes them
     assert summary["kl_divergence"] > 0 and summary["window"] == 64
     saved = json.loads((out / "quantcli_eval.json").read_text())
     assert saved == summary

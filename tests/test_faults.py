@@ -12,23 +12,13 @@ import sys
 import time
 
 import pytest
-from cli_checks import assert_one_line_error, run_quantcli
+from cli_checks import assert_one_line_error, run_main, run_quantcli
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantcli import QuantConfig
-from quantcli.cli import quantcli as entry_point
 from quantcli.errors import ResourceError, UsageError
 from quantcli.models import streaming
 from quantcli.models.source import resolve_model
-
-
-def run_main(monkeypatch, capsys, *args):
-    """quantcli's entry point in this process (so faults can be injected): (code, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["quantcli", *map(str, args)])
-    monkeypatch.setitem(entry_point._state, "debug", False)
-    with pytest.raises(SystemExit) as exit_info:
-        entry_point.main()
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def leftovers(folder):
@@ -52,11 +42,10 @@ def test_disk_full_while_writing_exits_5_and_leaves_nothing(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(streaming.ShardWriter, "write", full)
-    code, err = run_main(
+    result = run_main(
         monkeypatch, capsys, "quantize", saved_models("llama"), "--out", tmp_path / "q", "--json"
     )
-    assert code == 5 and "filled up" in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert_one_line_error(result, 5, "filled up")
     assert leftovers(tmp_path) == []
 
 
@@ -65,11 +54,11 @@ def test_an_internal_error_is_one_line_with_exit_1(saved_models, tmp_path, monke
         raise RuntimeError("something nobody expected")
 
     monkeypatch.setattr(streaming, "_write_shards", broken)
-    code, err = run_main(
+    result = run_main(
         monkeypatch, capsys, "quantize", saved_models("llama"), "--out", tmp_path / "q", "--json"
     )
-    assert code == 1 and "internal error (RuntimeError: something nobody expected)" in err
-    assert "--debug" in err and len(err.strip().splitlines()) == 1
+    assert_one_line_error(result, 1, "internal error (RuntimeError: something nobody expected)")
+    assert "--debug" in result.stderr
     assert leftovers(tmp_path) == []
 
 

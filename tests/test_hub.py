@@ -10,12 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from cli_checks import assert_one_line_error
 from hub_double import HubDouble
+
+from quantcli.checkpoint import LOCAL_SOURCE_NAME
 
 ALICE, BOB = "tok-alice-5f2c", "tok-bob-91aa"
 
@@ -30,7 +33,7 @@ def hub():
 def cli(hub, tmp_path):
     """Run quantcli against the double; each call may ask for a fresh cache."""
 
-    def run(*args, token=None, fresh_cache=False, stdin=None, python=None):
+    def run(*args, token=None, fresh_cache=False, stdin=None, python=None, env_extra=None):
         fresh = len(list(tmp_path.glob("hf-fresh-*")))
         home = tmp_path / (f"hf-fresh-{fresh}" if fresh_cache else "hf-home")
         env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
@@ -43,6 +46,7 @@ def cli(hub, tmp_path):
         )
         if token:
             env["HF_TOKEN"] = token
+        env.update(env_extra or {})
         command = ["-c", python] if python else ["-m", "quantcli", *map(str, args)]
         result = subprocess.run(
             [sys.executable, *command],
@@ -183,6 +187,19 @@ def test_quantize_from_the_hub_and_a_card_naming_the_base_model(cli, saved_model
     assert "README.md" in hub.state.repos["alice/tiny-llama-int8"].commits[commit].files
 
 
+def test_push_publishes_no_local_path(cli, checkpoint, hub, saved_models):
+    """The local-source file eval reads is never uploaded; nothing pushed names a path."""
+    assert (checkpoint / LOCAL_SOURCE_NAME).is_file()
+    assert cli("push", checkpoint, "alice/tiny", token=ALICE).returncode == 0
+    repo = hub.state.repos["alice/tiny"]
+    files = repo.commits[repo.refs["main"]].files
+    assert LOCAL_SOURCE_NAME not in files and "model.safetensors" in files
+    source = str(saved_models("llama"))
+    assert not [name for name, data in files.items() if source.encode() in data]
+    card = files["README.md"].decode()
+    assert f"`{saved_models('llama').name}`" in card and "source weights sha256" in card
+
+
 def test_an_edited_card_is_kept_unless_asked(cli, checkpoint):
     cli("push", checkpoint, "alice/tiny", token=ALICE)
     card = checkpoint / "README.md"
@@ -221,3 +238,68 @@ def test_revision_not_found(cli, checkpoint):
 
 def test_empty_prompt(cli, checkpoint):
     assert_one_line_error(cli("generate", checkpoint, "   "), 2, "the prompt is empty")
+
+
+# --- a Hub that stalls or drops connections: exit 3 within the documented time ----------
+
+
+def upload(cli, folder, repo_id):
+    """Put `folder` on the double as `repo_id` with huggingface_hub itself, not quantcli."""
+    script = (
+        "from huggingface_hub import HfApi; api = HfApi(); "
+        f"api.create_repo({repo_id!r}); api.upload_folder(folder_path={str(folder)!r}, "
+        f"repo_id={repo_id!r})"
+    )
+    uploaded = cli(token=ALICE, python=script)
+    assert uploaded.returncode == 0, uploaded.stderr
+
+
+def timed(run, *args, **kwargs):
+    started = time.monotonic()
+    result = run(*args, **kwargs)
+    return result, time.monotonic() - started
+
+
+def test_push_to_a_stalled_hub_stops_after_the_timeout(cli, checkpoint, hub):
+    hub.state.fault = "stall"
+    result, seconds = timed(cli, "--hub-timeout", "2", "push", checkpoint, "alice/x", token=ALICE)
+    assert_one_line_error(result, 3, "the Hub did not answer in time")
+    assert seconds < 20 and "--hub-timeout" in result.stderr
+
+
+def test_quantizing_from_a_stalled_hub_stops_after_the_timeout(cli, hub, tmp_path):
+    hub.state.fault = "stall"
+    result, seconds = timed(
+        cli,
+        "quantize",
+        "alice/tiny-llama",
+        "--out",
+        tmp_path / "q",
+        env_extra={"QUANTCLI_HUB_TIMEOUT": "2"},
+    )
+    assert_one_line_error(result, 3, "cannot reach the Hub")
+    assert seconds < 20 and not (tmp_path / "q").exists()
+
+
+def test_a_connection_reset_during_download_is_exit_3(cli, hub, saved_models, tmp_path):
+    upload(cli, saved_models("llama"), "alice/tiny-llama")
+    hub.state.fault, hub.state.fault_prefix = "reset", "/alice/tiny-llama/resolve/"
+    result = cli("quantize", "alice/tiny-llama", "--out", tmp_path / "q", fresh_cache=True)
+    assert_one_line_error(result, 3, "dropped the connection")
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_connection_reset_during_push_is_exit_3(cli, checkpoint, hub):
+    hub.state.fault = "reset"
+    result = cli("--hub-timeout", "2", "push", checkpoint, "alice/x", token=ALICE)
+    assert_one_line_error(result, 3, "dropped the connection")
+
+
+def test_a_hub_index_pointing_outside_the_repo_is_refused(cli, saved_models, tmp_path):
+    source = shutil.copytree(saved_models("llama"), tmp_path / "hostile")
+    index = {"weight_map": {"model.norm.weight": "../outside/x.safetensors"}}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    upload(cli, source, "alice/hostile")
+    result = cli("quantize", "alice/hostile", "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, "points outside the model folder")
+    assert not (tmp_path / "q").exists()

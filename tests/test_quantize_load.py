@@ -59,7 +59,7 @@ def test_output_folder_layout_config_and_metadata(saved_models, tmp_path):
         "chat_template.jinja",
     }
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        {"config.json", "model.safetensors"} | side
+        {"config.json", "model.safetensors", "quantcli_local_source.json"} | side
     )
     for name in side:
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
@@ -81,7 +81,7 @@ def test_output_folder_layout_config_and_metadata(saved_models, tmp_path):
         metadata = f.metadata()
     assert metadata["format"] == "pt"
     assert metadata["quantcli_format_version"] == str(FORMAT_VERSION)
-    assert metadata["source_model"] == str(source)
+    assert metadata["source_model"] == source.name  # a local source: its name, never its path
     assert json.loads(metadata["quantcli_config"])["group_size"] == 32
     assert int(metadata["source_bytes"]) == summary.source_bytes
     # 4-bit values + an fp32 scale and a 4-bit zero point per 32 weights + 16-byte weight_shape
@@ -149,7 +149,7 @@ def test_excluded_and_group_incompatible_layers_are_listed_in_ignore(saved_model
 
 def test_existing_output_needs_overwrite_and_is_replaced_whole(saved_models, tmp_path):
     out = tmp_path / "q"
-    out.mkdir()
+    quantize_folder(saved_models("opt"), out, QuantConfig(bits=4))
     (out / "keep.txt").write_text("user data")
     with pytest.raises(UsageError, match="already exists: pass --overwrite"):
         quantize_folder(saved_models("opt"), out, QuantConfig())

@@ -10,6 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
+from quantcli.checkpoint import read_local_source
 from quantcli.cli.options import (
     DtypeChoice,
     JsonOption,
@@ -133,20 +134,20 @@ def evaluate_command(
     activation_dtype = run_dtype(dtype)
     # loaded once and shared by the models; None for a recorded source that is unreachable
     baselines: dict[str, torch.nn.Module | None] = {}
+    labels: dict[str, str] = {}  # how results (saved, then published on cards) name a model
     results = []
     models = expand_model_folders(models)
     sources = [resolve_model(model, revision, token) for model in models]  # fail before work
     for model, source in zip(models, sources, strict=True):
         summary = summarize_folder(source.folder)
-        recorded = summary.metadata.get("source_model") or None
+        recorded = read_local_source(source.folder) or summary.metadata.get("source_model") or None
         baseline_name = None if no_baseline else baseline or recorded
         if baseline_name is not None and baseline_name not in baselines:
             try:
+                baseline_source = resolve_model(baseline_name, None, token)
+                labels[baseline_name] = baseline_source.public_name
                 baselines[baseline_name] = load_any(
-                    resolve_model(baseline_name, None, token),
-                    device,
-                    activation_dtype,
-                    trust_remote_code,
+                    baseline_source, device, activation_dtype, trust_remote_code
                 )
             except NotFoundError as error:
                 if baseline is not None:
@@ -163,9 +164,9 @@ def evaluate_command(
                 load_tokenizer(source.folder),
                 content,
                 text_name=text_name,
-                model_name=model,
+                model_name=source.public_name,
                 baseline=baselines.get(baseline_name),
-                baseline_name=baseline_name,
+                baseline_name=labels.get(baseline_name),
                 window=window,
                 stride=stride,
                 max_tokens=max_tokens,

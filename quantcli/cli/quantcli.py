@@ -12,8 +12,9 @@ import sys
 from typing import Annotated
 
 import typer
+from huggingface_hub.utils import disable_progress_bars
 from rich.markup import escape
-from transformers.utils import logging as hf_logging
+from transformers.utils import logging as transformers_logging
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as CommandLineError
 
@@ -21,8 +22,15 @@ from quantcli import __version__
 from quantcli.cli import eval as eval_command
 from quantcli.cli import generate, inspect, load, push, quantize
 from quantcli.cli.help import Command, Group
+from quantcli.cli.options import check_range
 from quantcli.cli.output import stderr
 from quantcli.errors import QuantcliError, first_line
+from quantcli.network import (
+    DEFAULT_HUB_TIMEOUT,
+    HUB_TIMEOUT_ENV,
+    bound_hub_requests,
+    is_network_failure,
+)
 
 app = typer.Typer(
     name="quantcli",
@@ -34,7 +42,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_state = {"debug": False}
+_state: dict = {"debug": False, "hub_timeout": DEFAULT_HUB_TIMEOUT}
 
 
 def _epilog(examples: list[str]) -> str:
@@ -67,9 +75,22 @@ def _root(
     debug: Annotated[
         bool, typer.Option("--debug", help="Show the full traceback when a command fails.")
     ] = False,
+    hub_timeout: Annotated[
+        float,
+        typer.Option(
+            "--hub-timeout",
+            metavar="SECONDS",
+            envvar=HUB_TIMEOUT_ENV,
+            help="Seconds a Hub request may wait to connect, and then for each answer, "
+            "before the command stops with exit 3.",
+        ),
+    ] = DEFAULT_HUB_TIMEOUT,
 ) -> None:
     """Quantize Hugging Face checkpoints, publish them to the Hub and run them."""
     _state["debug"] = debug
+    check_range("--hub-timeout", hub_timeout, 0.1)
+    _state["hub_timeout"] = hub_timeout
+    bound_hub_requests(hub_timeout)
 
 
 class Stopped(BaseException):
@@ -95,7 +116,11 @@ def main() -> None:
     """
     signal.signal(signal.SIGINT, _raise_stopped)
     signal.signal(signal.SIGTERM, _raise_stopped)
-    hf_logging.disable_progress_bar()  # transformers' loading bars: quantcli shows its own
+    # transformers' and the Hub's warnings and progress bars would break the one-line rule
+    # (quantcli draws its own)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
     try:
         code = app(prog_name="quantcli", standalone_mode=False)  # --help, --version: 0
     except NoArgsIsHelpError as error:
@@ -117,6 +142,15 @@ def main() -> None:
             _fail(error, "the disk is full: free some space and run again.", 5)
         _fail(error, f"{first_line(error)}.", 1)
     except Exception as error:
+        if is_network_failure(error):
+            _fail(
+                error,
+                f"the Hub did not answer in time or dropped the connection "
+                f"({type(error).__name__}; each request may wait {_state['hub_timeout']:g} s): "
+                f"check your connection or HF_ENDPOINT, or raise --hub-timeout / "
+                f"{HUB_TIMEOUT_ENV}.",
+                3,
+            )
         _fail(
             error,
             f"internal error ({type(error).__name__}: {first_line(error)}): a bug in quantcli; "

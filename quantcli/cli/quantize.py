@@ -83,7 +83,7 @@ def quantize(
         str, typer.Option(help="Largest output file, e.g. 500MB, 5GB.", metavar="SIZE")
     ] = "5GB",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --out if it exists.")
+        bool, typer.Option("--overwrite", help="Replace --out if it is empty or a quantcli output.")
     ] = False,
     revision: RevisionOption = None,
     token: TokenOption = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
@@ -26,7 +27,9 @@ def load_hf_config(folder: Path, trust_remote_code: bool = False) -> PretrainedC
             f"{folder} has no config.json: it is not a transformers model folder."
         )
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except StrictDataclassError as error:  # a field of the wrong type or value
+        raise CheckpointError(f"config.json: {_field_problem(error)}") from None
     except ValueError as error:
         message = first_line(error)
         if "trust_remote_code" in message:
@@ -34,8 +37,20 @@ def load_hf_config(folder: Path, trust_remote_code: bool = False) -> PretrainedC
                 "this model needs its own code from the Hub: pass --trust-remote-code to allow it"
             )
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {message}") from None
-    except (OSError, KeyError, TypeError) as error:
+    except (OSError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {error}") from None
+    architectures = getattr(config, "architectures", None)
+    if architectures is not None and not (
+        isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
+    ):
+        raise CheckpointError("config.json: 'architectures' must be a list of class names.")
+    return config
+
+
+def _field_problem(error: Exception) -> str:
+    """The field and the reason of a transformers config validation error, on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(error).__name__
 
 
 def build_skeleton(
@@ -44,17 +59,33 @@ def build_skeleton(
     """The model class named by the config, with every parameter on ``meta``."""
     model_class = _model_class(config, trust_remote_code)
     dtype = dtype or _config_dtype(config)
-    with _parameters_on_meta():
-        if hasattr(model_class, "from_config"):  # an Auto class: remote code or no architecture
-            return model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        return model_class._from_config(config, dtype=dtype)
+    try:
+        with _parameters_on_meta():
+            if hasattr(model_class, "from_config"):  # an Auto class: remote code or none named
+                return model_class.from_config(
+                    config, dtype=dtype, trust_remote_code=trust_remote_code
+                )
+            return model_class._from_config(config, dtype=dtype)
+    except (AttributeError, TypeError, ValueError, RuntimeError, KeyError, IndexError) as error:
+        # building from a config runs no data: whatever fails here is the config's doing
+        raise CheckpointError(
+            f"config.json does not describe a buildable {model_class.__name__} "
+            f"({type(error).__name__}: {first_line(error)}): check its sizes and fields."
+        ) from None
 
 
 def _model_class(config: PretrainedConfig, trust_remote_code: bool):
     for name in config.architectures or []:
         model_class = getattr(transformers, name, None)
-        if model_class is not None:
-            return model_class
+        if model_class is None:
+            continue
+        expected = getattr(model_class, "config_class", None)
+        if isinstance(expected, type) and not isinstance(config, expected):
+            raise CheckpointError(
+                f"config.json: architectures names {name}, a '{expected.model_type}' model, "
+                f"but model_type is '{config.model_type}': fix one of them."
+            )
+        return model_class
     if trust_remote_code and getattr(config, "auto_map", None):
         return transformers.AutoModelForCausalLM
     if not config.architectures:

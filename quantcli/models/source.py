@@ -7,11 +7,13 @@ Hub files come through `huggingface_hub.snapshot_download`, so the user's cache,
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from quantcli.errors import CheckpointError, NotFoundError, UsageError, first_line
+from quantcli.files import contained_file, model_root
 
 #: Files besides the weights that travel with a model: configs, tokenizer, chat template.
 SIDE_FILE_PATTERNS = (
@@ -35,7 +37,7 @@ SIDE_FILE_PATTERNS = (
 CARD_NAME = "README.md"
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 #: Pickle weights, fetched only with --allow-pickle.
-PICKLE_PATTERNS = ("*.bin", "pytorch_model.bin.index.json")
+PICKLE_PATTERNS = ("*.bin", "*.pt", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,18 @@ class ModelSource:
     folder: Path
     model_id: str  # as the user named it: Hub id or path
     revision: str | None  # the Hub commit, None for a local folder
+
+    @property
+    def local_folder(self) -> Path | None:
+        """The folder the user named, resolved (not `folder`, which may be a temporary
+        conversion); None for a Hub source."""
+        return None if self.revision else Path(self.model_id).expanduser().resolve()
+
+    @property
+    def public_name(self) -> str:
+        """How published files name the source: the Hub id, or a local folder's name only
+        (an absolute path would tell the world who made it, and where)."""
+        return self.model_id if self.local_folder is None else self.local_folder.name
 
 
 def resolve_model(
@@ -58,6 +72,7 @@ def resolve_model(
             raise UsageError(
                 f"--revision {revision} applies to Hub ids, not to the local folder {model}."
             )
+        check_model_files(path.resolve())
         return ModelSource(path.resolve(), model, None)
     if path.exists():
         raise NotFoundError(
@@ -93,18 +108,36 @@ def _model_subfolders(folder: Path) -> list[Path]:
 
 def side_files(folder: Path) -> list[Path]:
     """The non-weight files of a model folder to copy next to a quantized checkpoint."""
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and any(fnmatchcase(p.name, pattern) for pattern in SIDE_FILE_PATTERNS)
-    )
+    return _known_files(folder, SIDE_FILE_PATTERNS)
+
+
+def check_model_files(folder: Path) -> None:
+    """Refuse a model folder in which a file quantcli or transformers would read (config,
+    tokenizer, weights, card) leads outside the model's root or is not a regular file."""
+    _known_files(folder, (*SIDE_FILE_PATTERNS, *WEIGHT_PATTERNS, *PICKLE_PATTERNS, CARD_NAME))
+
+
+def _known_files(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """The entries of `folder` matching `patterns`, each checked by `contained_file` (real
+    subfolders, which nothing reads as a file, are skipped)."""
+    root = model_root(folder)
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if not any(fnmatchcase(entry.name, pattern) for pattern in patterns):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            continue
+        contained_file(entry, root)
+        found.append(entry)
+    return found
 
 
 def card_license(folder: Path) -> str | None:
     """The `license` of a model card's YAML front matter, when the folder has a card."""
     card = folder / CARD_NAME
-    if not card.is_file():
+    if not card.exists() and not card.is_symlink():
         return None
+    contained_file(card, model_root(folder))
     from huggingface_hub import ModelCard
 
     try:
@@ -165,6 +198,7 @@ def _download(
     except HfHubHTTPError as error:
         raise NotFoundError(f"the Hub refused to send {repo_id}: {first_line(error)}") from None
     folder = Path(folder)
+    check_model_files(folder)
     return ModelSource(folder, repo_id, folder.name)
 
 
@@ -178,7 +212,7 @@ def safetensors_copy(source: ModelSource, into: Path) -> ModelSource:
     import torch
     from safetensors.torch import save_file
 
-    pickles = sorted(source.folder.glob("*.bin")) + sorted(source.folder.glob("*.pt"))
+    pickles = _known_files(source.folder, ("*.bin", "*.pt"))
     if not pickles:
         return source
     for path in pickles:
@@ -198,7 +232,6 @@ def safetensors_copy(source: ModelSource, into: Path) -> ModelSource:
                 seen.add(tensor.untyped_storage().data_ptr())
                 tensors[name] = tensor.contiguous()
         save_file(tensors, into / f"{path.stem}.safetensors", metadata={"format": "pt"})
-    for path in [*side_files(source.folder), source.folder / CARD_NAME]:
-        if path.is_file():
-            (into / path.name).write_bytes(path.read_bytes())
+    for path in _known_files(source.folder, (*SIDE_FILE_PATTERNS, CARD_NAME)):
+        shutil.copyfile(path, into / path.name)
     return ModelSource(into, source.model_id, source.revision)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import math
 import os
 import resource
@@ -34,9 +35,17 @@ from quantcli.checkpoint import (
     shard_name,
     weight_files,
     write_index,
+    write_local_source,
 )
 from quantcli.config import QuantConfig
-from quantcli.errors import CheckpointError, InvalidTensorError, ResourceError, UsageError
+from quantcli.errors import (
+    CheckpointError,
+    InvalidTensorError,
+    QuantcliError,
+    ResourceError,
+    UsageError,
+)
+from quantcli.files import model_root, umask_mode
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, card_license, safetensors_copy, side_files
@@ -123,10 +132,21 @@ def quantize_checkpoint(
     (with ``torch.load(weights_only=True)``, in a temporary folder beside `out`).
     """
     out = out.expanduser().resolve()
+    _check_output_target(source, out, overwrite)
     if allow_pickle and not any(source.folder.glob("*.safetensors")):
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.unpickled-", dir=out.parent) as tmp:
-            converted = safetensors_copy(source, Path(tmp))
+        _remove_stale_partials(out)
+        pickles = [*source.folder.glob("*.bin"), *source.folder.glob("*.pt")]
+        _check_free_space(out.parent, sum(path.stat().st_size for path in pickles))
+        with tempfile.TemporaryDirectory(
+            prefix=f"{_temporary_prefixes(out)[1]}{os.getpid()}-", dir=out.parent
+        ) as tmp:
+            try:
+                converted = safetensors_copy(source, Path(tmp))
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise _disk_full(out) from None
+                raise
             return quantize_checkpoint(
                 converted,
                 out,
@@ -139,8 +159,6 @@ def quantize_checkpoint(
                 on_tensor=on_tensor,
             )
     started = time.perf_counter()
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists: pass --overwrite to replace it.")
     if max_shard_size < 1:
         raise UsageError("--max-shard-size must be positive.")
     hf_config = load_hf_config(source.folder, trust_remote_code)
@@ -172,10 +190,16 @@ def quantize_checkpoint(
     _remove_stale_partials(out)
     output_bytes = sum(spec.nbytes for item in plan.items for spec in item.specs)
     _check_free_space(out.parent, output_bytes)
-    staging = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{_temporary_prefixes(out)[0]}{os.getpid()}-", dir=out.parent)
+    )
+    staging.chmod(umask_mode())  # mkdtemp's 0700 would outlive the rename
     shards = plan.shards(max_shard_size)
     try:
-        metadata = header_metadata(config, source.model_id, source.revision)
+        metadata = header_metadata(config, source.public_name, source.revision)
+        if source.local_folder is not None:
+            metadata["source_sha256"] = _weights_sha256(files)
+            write_local_source(staging, source.local_folder)
         metadata["source_bytes"] = str(sum(info.nbytes for info in tensors.values()))
         metadata["source_license"] = card_license(source.folder) or ""
         metadata["quantcli_command"] = command or ""
@@ -187,17 +211,14 @@ def quantize_checkpoint(
         if config.dtype is not None:
             hf_config.dtype = config.dtype
         hf_config.save_pretrained(staging)
-        for path in side_files(source.folder):
+        for path in side_files(source.folder):  # contents as regular files, never links
             if path.name != "config.json":
-                shutil.copy2(path, staging / path.name)
+                shutil.copyfile(path, staging / path.name)
         _move_into_place(staging, out, overwrite)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceError(
-                f"the disk under {out.parent} filled up while writing; nothing was kept. "
-                "Free some space or choose another --out."
-            ) from None
+            raise _disk_full(out) from None
         raise
 
     quantized_items = [item for item in plan.items if item.quantized_params]
@@ -216,6 +237,17 @@ def quantize_checkpoint(
     )
 
 
+def _weights_sha256(files: list[Path]) -> str:
+    """One sha256 over the weight files' bytes, in order: names a local source exactly
+    without saying where it lies."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _plan(
     skeleton: torch.nn.Module,
     tensors: dict[str, TensorInfo],
@@ -223,10 +255,17 @@ def _plan(
     config: QuantConfig,
 ) -> _Plan:
     """Map every source tensor to the output tensors it becomes."""
-    model_keys = set(skeleton.state_dict())
+    expected = skeleton.state_dict()
+    model_keys = set(expected)
     prefix = getattr(skeleton, "base_model_prefix", "")
     rename = {key: model_key(key, model_keys, prefix) for key in tensors}
     by_model_key = {rename[key]: info for key, info in tensors.items()}
+    for name, info in by_model_key.items():
+        if name in expected and tuple(expected[name].shape) != info.shape:
+            raise CheckpointError(
+                f"tensor '{info.name}' has shape {list(info.shape)} but config.json implies "
+                f"{list(expected[name].shape)}: the weights and the config disagree."
+            )
     quantized = set(replaced)
     scale_dtypes = {}
     plan = _Plan()
@@ -236,7 +275,7 @@ def _plan(
             raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
         module = skeleton.get_submodule(name)
         out_features, in_features = linear_weight(module).shape
-        scale_dtypes[name] = config.dtype or info.dtype
+        scale_dtypes[name] = config.dtype or _stored_float(info.dtype)
         layout = QuantLinear(in_features, out_features, False, config, scale_dtypes[name], "meta")
         plan.add(
             _Item(
@@ -258,7 +297,7 @@ def _plan(
             continue
         dtype = scale_dtypes.get(module) if module in quantized else config.dtype
         if dtype is None or not info.dtype.is_floating_point:
-            dtype = info.dtype
+            dtype = _stored_float(info.dtype)
         plan.add(
             _Item(
                 module=module,
@@ -267,6 +306,12 @@ def _plan(
             )
         )
     return plan
+
+
+def _stored_float(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a source tensor is written in by default: its own, except 8-bit floats
+    (FP8 sources), widened to bf16, which every reader and kernel takes."""
+    return torch.bfloat16 if dtype.is_floating_point and dtype.itemsize == 1 else dtype
 
 
 def _warnings(config: QuantConfig, conv1d: bool) -> list[str]:
@@ -317,6 +362,8 @@ def model_key(key: str, model_keys: set[str], prefix: str) -> str:
 def _quantizer(name, info, config, scale_dtype, transposed):
     def produce() -> dict[str, torch.Tensor]:
         weight = read_tensor(info)
+        if weight.is_floating_point() and weight.dtype.itemsize == 1:  # FP8: widen first
+            weight = weight.to(scale_dtype)
         if transposed:  # GPT-2's Conv1D stores (in, out)
             weight = weight.t()
         try:
@@ -368,8 +415,17 @@ def _check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def _partial_prefix(out: Path) -> str:
-    return f".{out.name}.partial-"
+def _disk_full(out: Path) -> ResourceError:
+    return ResourceError(
+        f"the disk under {out.parent} filled up while writing; nothing was kept. "
+        "Free some space or choose another --out."
+    )
+
+
+def _temporary_prefixes(out: Path) -> tuple[str, str]:
+    """Names of the temporary folders beside `out`: the partial output, the safetensors
+    copy of a pickle source. Both are followed by the writing process's id."""
+    return f".{out.name}.partial-", f".{out.name}.unpickled-"
 
 
 def _remove_stale_partials(out: Path) -> None:
@@ -378,11 +434,11 @@ def _remove_stale_partials(out: Path) -> None:
     Their names carry the process id; a folder whose process is gone is garbage, one whose
     process still runs belongs to a concurrent run and is left alone.
     """
-    prefix = _partial_prefix(out)
-    for path in out.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name.removeprefix(prefix).split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    for prefix in _temporary_prefixes(out):
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = path.name.removeprefix(prefix).split("-", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -395,13 +451,50 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _check_output_target(source: ModelSource, out: Path, overwrite: bool) -> None:
+    """Refuse an `out` whose replacement would lose data: the source itself, a folder inside
+    it or holding it (compared after resolving links), or with `overwrite` a folder that is
+    neither empty nor written by quantcli."""
+    root = model_root(source.folder)
+    if out == root or out.is_relative_to(root) or root.is_relative_to(out):
+        raise UsageError(
+            f"--out {out} is the source model's folder, inside it or around it: writing "
+            "there would destroy the source; choose a folder apart from it."
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already exists: pass --overwrite to replace it.")
+    if not _replaceable(out):
+        raise UsageError(
+            f"{out} is not a quantcli output: --overwrite replaces only an empty folder or "
+            "one quantcli wrote; move it away or choose another --out."
+        )
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty folder, or one whose weights carry quantcli's metadata."""
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        _, metadata = read_all_headers(weight_files(out))
+    except (QuantcliError, OSError):
+        return False
+    return "quantcli_version" in metadata
+
+
 def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished folder onto `out`; an old `out` is removed only afterwards.
 
-    Without `overwrite`, an `out` that appeared meanwhile (a concurrent run) is kept.
+    Without `overwrite`, an `out` that appeared meanwhile (a concurrent run) is kept; with
+    it, only a folder `_replaceable` allows is replaced.
     """
     if out.exists() and not overwrite:
         raise _appeared_meanwhile(out)
+    if out.exists() and not _replaceable(out):
+        raise UsageError(f"{out} appeared while quantizing and is not a quantcli output: kept it.")
     if out.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         retired.rmdir()

@@ -1,0 +1,439 @@
+"""Safety against hostile or broken input (issue #17): quantcli never destroys a source or a
+folder it did not write, never reads a file outside the model it was given, never publishes
+a local path, and refuses malformed headers, indexes and configs by name.
+
+Each case runs the command line in this process and checks the exit code, the one line on
+stderr, and what is on disk afterwards."""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+
+import pytest
+import torch
+from cli_checks import assert_one_line_error, run_main, run_quantcli
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quantcli.checkpoint import LOCAL_SOURCE_NAME
+
+SECRET = "hf_SecretTokenThatMustNeverBeCopied"
+
+
+def fingerprint(folder):
+    """Every file under `folder` with its sha256: equal before and after means untouched."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture
+def source(saved_models, tmp_path):
+    """A private copy of the tiny Llama, free to be broken."""
+    return shutil.copytree(saved_models("llama"), tmp_path / "src")
+
+
+@pytest.fixture
+def quantize(monkeypatch, capsys):
+    def run(*args):
+        return run_main(monkeypatch, capsys, "quantize", *args)
+
+    return run
+
+
+# --- output safety ----------------------------------------------------------------------
+
+
+def test_out_equal_to_the_source_is_refused_even_with_overwrite(source, quantize):
+    before = fingerprint(source)
+    for flags in ([], ["--overwrite"]):
+        assert_one_line_error(
+            quantize(source, "--out", source, *flags), 2, "would destroy the source"
+        )
+    assert fingerprint(source) == before
+
+
+def test_out_inside_the_source_is_refused(source, quantize):
+    before = fingerprint(source)
+    assert_one_line_error(
+        quantize(source, "--out", source / "int8", "--overwrite"), 2, "would destroy the source"
+    )
+    assert fingerprint(source) == before and not (source / "int8").exists()
+
+
+def test_out_holding_the_source_is_refused(saved_models, tmp_path, quantize):
+    nested = shutil.copytree(saved_models("llama"), tmp_path / "m" / "sub")
+    before = fingerprint(tmp_path)
+    assert_one_line_error(
+        quantize(nested, "--out", tmp_path / "m", "--overwrite"), 2, "would destroy the source"
+    )
+    assert fingerprint(tmp_path) == before
+
+
+def test_out_linking_to_the_source_is_refused(source, tmp_path, quantize):
+    (tmp_path / "alias").symlink_to(source, target_is_directory=True)
+    before = fingerprint(source)
+    assert_one_line_error(
+        quantize(source, "--out", tmp_path / "alias", "--overwrite"),
+        2,
+        "would destroy the source",
+    )
+    assert fingerprint(source) == before
+
+
+@pytest.mark.parametrize("kind", ["folder of user files", "file"])
+def test_overwrite_refuses_what_quantcli_did_not_write(source, tmp_path, quantize, kind):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "thesis.tex").write_text("years of work")
+    before = fingerprint(tmp_path)
+    assert_one_line_error(
+        quantize(source, "--out", out, "--overwrite"), 2, "is not a quantcli output"
+    )
+    assert fingerprint(tmp_path) == before
+
+
+def test_overwrite_replaces_an_empty_folder_and_a_quantcli_output(source, tmp_path, quantize):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert quantize(source, "--out", out, "--overwrite", "--json").returncode == 0
+    first = fingerprint(out)
+    result = quantize(source, "--out", out, "--overwrite", "--bits", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    assert fingerprint(out) != first and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out",
+        "src",
+    ]
+
+
+def test_a_failed_overwrite_keeps_the_old_output(source, tmp_path, quantize, monkeypatch):
+    from quantcli.models import streaming
+
+    out = tmp_path / "out"
+    assert quantize(source, "--out", out, "--json").returncode == 0
+    before = fingerprint(out)
+
+    def broken(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(streaming, "_write_shards", broken)
+    assert_one_line_error(quantize(source, "--out", out, "--overwrite"), 5, "filled up")
+    assert fingerprint(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+# --- containment: links, index entries, special files -----------------------------------
+
+
+def write_index(source, shard):
+    """An index that puts every tensor of the source's model.safetensors in `shard`."""
+    with safe_open(source / "model.safetensors", "pt") as f:
+        index = {"weight_map": dict.fromkeys(f.keys(), shard)}
+    (source / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(SECRET)
+    return path
+
+
+@pytest.mark.parametrize("name", ["LICENSE", "vocab.txt", "config.json", "README.md"])
+def test_a_side_file_linking_outside_is_refused(source, tmp_path, token_file, quantize, name):
+    (source / name).unlink(missing_ok=True)
+    (source / name).symlink_to(token_file)
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, f"{name} leads outside the model folder")
+    assert SECRET not in result.stderr and not (tmp_path / "q").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "token"]
+
+
+def test_a_link_to_a_system_file_is_refused_by_every_command(source, tmp_path, monkeypatch):
+    (source / "vocab.txt").symlink_to("/etc/passwd")
+    for command in (["inspect", source], ["load", source], ["generate", source, "hi"]):
+        assert_one_line_error(run_quantcli(*command), 4, "vocab.txt leads outside")
+
+
+def test_weights_linking_outside_are_refused(source, tmp_path, quantize):
+    outside = tmp_path / "elsewhere.safetensors"
+    (source / "model.safetensors").rename(outside)
+    (source / "model.safetensors").symlink_to(outside)
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, "model.safetensors leads outside the model folder")
+    assert not (tmp_path / "q").exists()
+
+
+def test_links_inside_the_folder_are_followed_and_copied_as_files(source, tmp_path, quantize):
+    (source / "licenses").mkdir()
+    (source / "licenses" / "apache.txt").write_text("Apache License 2.0")
+    (source / "LICENSE").symlink_to("licenses/apache.txt")
+    (source / "weights").mkdir()
+    (source / "model.safetensors").rename(source / "weights" / "real.safetensors")
+    (source / "model.safetensors").symlink_to("weights/real.safetensors")
+    result = quantize(source, "--out", tmp_path / "q", "--json")
+    assert result.returncode == 0, result.stderr
+    copied = tmp_path / "q" / "LICENSE"
+    assert not copied.is_symlink() and copied.read_text() == "Apache License 2.0"
+
+
+@pytest.mark.parametrize(
+    "entry", ["../outside/x.safetensors", "/tmp/x.safetensors", "sub/../../x.safetensors"]
+)
+def test_an_index_pointing_outside_is_refused(source, tmp_path, quantize, entry):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(source / "model.safetensors", outside / "x.safetensors")
+    write_index(source, entry)
+    (source / "model.safetensors").unlink()
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, "points outside the model folder")
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_index_entry_linking_outside_is_refused(source, tmp_path, quantize):
+    write_index(source, "shard.safetensors")
+    outside = tmp_path / "x.safetensors"
+    (source / "model.safetensors").rename(outside)
+    (source / "shard.safetensors").symlink_to(outside)
+    result = quantize(source, "--out", tmp_path / "q")
+    assert_one_line_error(result, 4, "shard.safetensors leads outside")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_fifo_is_refused_without_blocking(source, tmp_path, name):
+    (source / name).unlink()
+    os.mkfifo(source / name)
+    result = run_quantcli("quantize", source, "--out", tmp_path / "q", timeout=60)
+    assert_one_line_error(result, 4, f"{name} is not a regular file")
+    assert not (tmp_path / "q").exists()
+
+
+# --- privacy: what the output records about the source ---------------------------------
+
+
+def test_a_local_source_is_recorded_by_name_and_digest_never_by_path(source, tmp_path, quantize):
+    out = tmp_path / "out"
+    assert quantize(source, "--out", out, "--token", SECRET, "--json").returncode == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    weights = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    assert (metadata["source_model"], metadata["source_sha256"]) == ("src", weights)
+    assert (
+        metadata["source_revision"] == ""
+        and "quantcli quantize src --out out" in (metadata["quantcli_command"])
+    )
+    local = out / LOCAL_SOURCE_NAME  # for eval, kept out of every upload
+    assert json.loads(local.read_text()) == {"path": str(source.resolve())}
+    for path in out.iterdir():
+        if path != local:
+            content = path.read_bytes()
+            assert str(tmp_path).encode() not in content and SECRET.encode() not in content
+
+
+@pytest.mark.parametrize(
+    ("umask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)]
+)
+def test_outputs_get_the_permissions_the_umask_gives(
+    source, tmp_path, quantize, umask, folder_mode, file_mode
+):
+    previous = os.umask(umask)
+    try:
+        assert quantize(source, "--out", tmp_path / "out", "--json").returncode == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == folder_mode
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == file_mode, path.name
+
+
+# --- strict reading: headers, indexes, config fields, shapes ----------------------------
+
+
+def raw_header(folder, header_json: str, data: bytes = b"\0" * 8):
+    """Replace the weights by a file with this literal header (duplicates stay duplicate)."""
+    encoded = header_json.encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+
+
+def edit_config(**fields):
+    def change(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config.update(fields)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return change
+
+
+def replace_tensor(name, tensor):
+    def change(folder):
+        tensors = load_file(folder / "model.safetensors")
+        tensors[name] = tensor
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return change
+
+
+def two_shards_with_one_tensor(folder):
+    shutil.copy(folder / "model.safetensors", folder / "model-b.safetensors")
+    (folder / "model.safetensors").rename(folder / "model-a.safetensors")
+
+
+def index_naming_a_ghost(folder):
+    write_index(folder, "model.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.ghost.weight"] = "model.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def index_with_a_number(folder):
+    write_index(folder, "model.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = 7
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def f32(start, end):
+    """A header entry for two float32 values at these offsets."""
+    return json.dumps({"dtype": "F32", "shape": [2], "data_offsets": [start, end]})
+
+
+STRICT_CASES = {  # name: (change to the source, exit code, fragment of the one line)
+    "duplicate tensor name": (
+        lambda f: raw_header(f, f'{{"a":{f32(0, 8)},"a":{f32(0, 8)}}}'),
+        4,
+        "names 'a' twice",
+    ),
+    "overlapping offsets": (
+        lambda f: raw_header(f, f'{{"a":{f32(0, 8)},"b":{f32(4, 12)}}}', b"\0" * 12),
+        4,
+        "invalid offset",
+    ),
+    "metadata as a list": (
+        lambda f: raw_header(f, f'{{"__metadata__":["x"],"a":{f32(0, 8)}}}'),
+        4,
+        "model.safetensors is truncated or corrupt",
+    ),
+    "deeply nested header": (
+        lambda f: raw_header(f, '{"a":' + "[" * 5000 + "]" * 5000 + "}"),
+        4,
+        "recursion limit",
+    ),
+    "unknown dtype": (
+        lambda f: raw_header(f, f'{{"a":{f32(0, 8).replace("F32", "Q4")}}}'),
+        4,
+        "Q4",
+    ),
+    "sub-byte dtype": (
+        lambda f: raw_header(f, '{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}', b"\0"),
+        4,
+        "dtype F4, which quantcli cannot read",
+    ),
+    "tensor in two shards": (two_shards_with_one_tensor, 4, "is in both model-a.safetensors"),
+    "index names a missing tensor": (
+        index_naming_a_ghost,
+        4,
+        "puts tensor 'model.ghost.weight' in model.safetensors, which does not hold it",
+    ),
+    "index value not a string": (index_with_a_number, 4, "must be a file name, not 7"),
+    "hidden_size as a string": (edit_config(hidden_size="64"), 4, "'hidden_size' expected int"),
+    "vocab_size as a float": (edit_config(vocab_size=128.5), 4, "'vocab_size' expected int"),
+    "negative size": (edit_config(vocab_size=-1), 4, "does not describe a buildable"),
+    "architectures disagreeing with model_type": (
+        edit_config(architectures=["GPT2LMHeadModel"]),
+        4,
+        "GPT2LMHeadModel, a 'gpt2' model, but model_type is 'llama'",
+    ),
+    "architectures as a string": (
+        edit_config(architectures="LlamaForCausalLM"),
+        4,
+        "'architectures' must be a list",
+    ),
+    "linear weight disagreeing with the config": (
+        replace_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(100, 64)),
+        4,
+        "'model.layers.0.mlp.up_proj.weight' has shape [100, 64] but config.json implies",
+    ),
+    "norm disagreeing with the config": (
+        replace_tensor("model.norm.weight", torch.zeros(65)),
+        4,
+        "'model.norm.weight' has shape [65]",
+    ),
+    "integer linear weight": (
+        replace_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64).to(torch.uint16)),
+        4,
+        "expected a floating-point weight, got torch.uint16",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", STRICT_CASES)
+def test_strict_reading(case, source, tmp_path, quantize):
+    change, code, fragment = STRICT_CASES[case]
+    change(source)
+    assert_one_line_error(quantize(source, "--out", tmp_path / "q"), code, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_an_fp8_source_is_read_and_widened_to_bf16(source, tmp_path, quantize):
+    tensors = load_file(source / "model.safetensors")
+    fp8 = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in tensors.items()}
+    save_file(fp8, source / "model.safetensors", metadata={"format": "pt"})
+    assert quantize(source, "--out", tmp_path / "q", "--json").returncode == 0
+    written = load_file(tmp_path / "q" / "model.safetensors")
+    assert written["model.norm.weight"].dtype == torch.bfloat16
+    assert written["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    assert written["model.layers.0.mlp.up_proj.weight_packed"].dtype == torch.int32
+
+
+# --- leftovers of --allow-pickle conversion ---------------------------------------------
+
+
+@pytest.fixture
+def pickle_source(source):
+    tensors = load_file(source / "model.safetensors")
+    torch.save(tensors, source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    return source
+
+
+def test_a_dead_runs_conversion_folder_is_removed_by_the_next_run(
+    pickle_source, tmp_path, quantize
+):
+    dead = tmp_path / ".q.unpickled-999999999-abc"  # no such process: a SIGKILLed run's
+    dead.mkdir()
+    (dead / "pytorch_model.safetensors").write_bytes(b"float copy")
+    result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle", "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]
+
+
+def test_a_full_disk_during_conversion_is_exit_5(pickle_source, tmp_path, quantize, monkeypatch):
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle")
+    assert_one_line_error(result, 5, "filled up")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_too_little_space_for_the_conversion_is_refused_first(
+    pickle_source, tmp_path, quantize, monkeypatch
+):
+    from quantcli.models import streaming
+
+    usage = streaming.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle")
+    assert_one_line_error(result, 5, "needs about")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
