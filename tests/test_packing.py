@@ -33,10 +33,6 @@ def test_pack_matches_hand_computed_bytes(bits, codes, expected):
     assert torch.equal(unpack(packed, bits, len(codes)), values)
 
 
-def test_notes_example_is_177():
-    assert pack(signed([1, 0, 3, 2], 2), 2).item() == 177
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     bits=st.sampled_from([1, 2, 4]),
