@@ -289,3 +289,48 @@ def test_symmetric_grid_differs_from_compressed_tensors_only_by_the_documented_f
     assert float(qt.scale) == pytest.approx(3.0 / q_max, rel=1e-7)
     ct_codes = ct_quantize(weight, ct_scale, ct_zero, args(bits, "sym", "channel", None))
     assert ct_codes[0, :2].tolist() == [q_min, q_max]  # -3 / s = -(q_max + 1/2) -> q_min
+
+
+def test_quantized_tensor_records_its_settings():
+    """The fields callers read back (bits, scheme, granularity, group size), not only the
+    numbers: the group size is kept for groups only."""
+    weight = as_tensor(W4_ASYM)
+    for granularity, group_size, kept in (("group", 4, 4), ("channel", None, None)):
+        qt = quantize(weight, 4, "asym", granularity, group_size)
+        assert (qt.bits, qt.scheme.value, qt.granularity.value, qt.group_size) == (
+            4,
+            "asym",
+            granularity,
+            kept,
+        )
+    qt = quantize(weight, 8, "sym", "tensor")
+    assert (qt.bits, qt.scheme.value, qt.granularity.value, qt.group_size) == (
+        8,
+        "sym",
+        "tensor",
+        None,
+    )
+
+
+def test_odd_widths_per_tensor_and_group_size_one_hand_computed():
+    """A 3 x 5 weight (15 elements: no even split anywhere). Per tensor, int4 sym: absmax 7/2
+    -> s = 1/2; codes w / s. Groups of one, int4 asym: each group's range is [min(w, 0),
+    max(w, 0)], so s = |w| / 15 and every weight is a grid point: exact."""
+    rows = [
+        [F(7, 2), F(-1, 4), F(3, 4), F(1), F(-5, 2)],
+        [F(1, 2), F(-7, 2), F(0), F(5, 4), F(-3, 4)],
+        [F(2), F(-1), F(9, 4), F(-3, 2), F(1, 8)],
+    ]
+    weight = as_tensor(rows)
+    qt = quantize(weight, 4, "sym", "tensor")
+    assert qt.scale.tolist() == [0.5]
+    # 0.5 -> 0 and -0.5 -> 0 (ties to even), 1.5 -> 2, -1.5 -> -2, 2.5 -> 2, 4.5 -> 4
+    assert qt.qdata.tolist() == [[7, 0, 2, 2, -5], [1, -7, 0, 2, -2], [4, -2, 4, -3, 0]]
+    assert qt.dequantize(torch.float32).tolist() == [
+        [3.5, 0.0, 1.0, 1.0, -2.5],
+        [0.5, -3.5, 0.0, 1.0, -1.0],
+        [2.0, -1.0, 2.0, -1.5, 0.0],
+    ]
+    qt = quantize(weight, 4, "asym", "group", 1)
+    assert qt.scale.shape == (3, 5) and qt.group_size == 1
+    assert torch.allclose(qt.dequantize(torch.float32), weight, rtol=2**-22, atol=0)
