@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--mutmut", default=str(ROOT / ".cache" / "mutmut"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "generated" / "mutation.md"))
     parser.add_argument("--report-only", action="store_true", help="summarise an earlier run")
+    parser.add_argument("--summary-only", action="store_true", help="scores, no survivor list")
     options = parser.parse_args()
 
     work = ROOT / ".cache" / "mutation" / options.label
@@ -196,7 +197,7 @@ def report(options, work: Path, results, complete: bool, minutes: float) -> str:
             f"| {module} | {c['killed']} | {c['survived']} | {c['no tests']} | {other} | "
             f"{c['not run']} | {score} |"
         )
-    if survivors:
+    if survivors and not options.summary_only:
         reasons = json.loads(REASONS.read_text()) if REASONS.exists() else {}
         lines += [
             "",

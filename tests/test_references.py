@@ -295,7 +295,7 @@ def test_quantized_tensor_records_its_settings():
     """The fields callers read back (bits, scheme, granularity, group size), not only the
     numbers: the group size is kept for groups only."""
     weight = as_tensor(W4_ASYM)
-    for granularity, group_size, kept in (("group", 4, 4), ("channel", None, None)):
+    for granularity, group_size, kept in (("group", 4, 4), ("channel", 4, None)):
         qt = quantize(weight, 4, "asym", granularity, group_size)
         assert (qt.bits, qt.scheme.value, qt.granularity.value, qt.group_size) == (
             4,
