@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 CACHE ?= .cache
 
-.PHONY: install test test-vllm demo bench docs cli-reference figures lint format clean
+.PHONY: install test test-vllm demo bench docs cli-reference figures lint format clean mutate
 
 install: $(STAMP)
 
@@ -82,6 +82,18 @@ cli-reference: install
 # The guide's figures, drawn from a real SmolLM2 layer (docs/images/*.png).
 figures: $(VENV)/.smollm2 $(VENV)/.docs
 	$(PY) scripts/docs_figures.py --cache $(CACHE)
+
+# Mutation testing of quantcli/tensor, quantcli/nn, checkpoint.py and config.py with the fast
+# tests (scripts/mutation.py): scores and surviving mutants in docs/generated/mutation.md.
+# mutmut lives apart in .cache/mutmut, after the venv on sys.path. Not in CI: it takes tens of
+# minutes on 2 cores. MUTATE_ARGS passes options, e.g. "--modules quantcli/tensor --minutes 25".
+MUTMUT := $(CACHE)/mutmut
+$(MUTMUT)/.installed: $(STAMP)
+	$(PY) -m pip install -q --target $(MUTMUT) mutmut==3.8.1
+	touch $@
+
+mutate: $(MUTMUT)/.installed
+	nice -n 10 $(PY) scripts/mutation.py --mutmut $(abspath $(MUTMUT)) $(MUTATE_ARGS)
 
 lint: install
 	$(PY) -m ruff check quantcli tests scripts

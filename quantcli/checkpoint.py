@@ -432,7 +432,7 @@ def check_format_version(metadata: dict[str, str], where: str) -> None:
     version = metadata.get("quantcli_format_version")
     if version is None:
         return  # a compressed-tensors file from another tool
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
+    if not (version.isascii() and version.isdecimal()) or int(version) > FORMAT_VERSION:
         raise CheckpointError(
             f"{where} uses quantcli format version {version}; this quantcli reads up to "
             f"{FORMAT_VERSION}: upgrade quantcli."
@@ -513,7 +513,10 @@ def summarize(folder: Path, raw_quantization_config: object) -> CheckpointSummar
 def _model_order(name: str) -> list[tuple[int, int | str]]:
     """A sort key that puts ``layers.2`` before ``layers.10``, as the model numbers them
     (safetensors headers list names alphabetically)."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+    return [
+        (0, int(part)) if part.isascii() and part.isdecimal() else (1, part)
+        for part in name.split(".")
+    ]
 
 
 def _recorded_optimize(metadata: dict[str, str]) -> bool:

@@ -44,3 +44,22 @@ def test_label_names_bits_scheme_and_granularity():
     assert QuantConfig(bits=4).label == "int4 asym g32"
     assert QuantConfig(bits=2, scheme="sym", granularity="tensor").label == "int2 sym tensor"
     assert QuantConfig(bits=4, optimize=True).label == "int4 asym g32 +clip"
+
+
+def test_messages_in_full_and_group_size_one_accepted():
+    with pytest.raises(UsageError) as error:
+        QuantConfig(bits=3)
+    assert str(error.value) == "bits=3 is not supported: choose one of 8, 4, 2."
+    with pytest.raises(UsageError) as error:
+        QuantConfig(granularity="tensor", optimize=True)
+    assert str(error.value) == (
+        "optimize (the clipping search) works per channel or per group, not per tensor."
+    )
+    assert QuantConfig(bits=4, group_size=1).group_size == 1
+
+
+def test_exclude_is_stored_as_a_tuple():
+    """A frozen config must be hashable and immutable, whatever sequence it was given."""
+    config = QuantConfig(exclude=["*.mlp.*", "lm_head"])
+    assert config.exclude == ("*.mlp.*", "lm_head")
+    hash(config.exclude)

@@ -59,14 +59,46 @@ def test_a_model_against_itself_loses_nothing(saved_models):
 
 
 def test_quantized_model_against_its_original(saved_models, tmp_path):
+    """KL and top-1 agreement equal a direct computation from the two models' logits, and
+    the KL has the size its second-order expansion predicts.
+
+    One window of 64 tokens (the tiny model's context), so every scored position sees the
+    same context in evaluate() and here. KL(p || q) with p the original's distribution,
+    computed here in float64. evaluate() works in float32: each log-probability carries a
+    rounding error of ~2^-24 of its size, so the sum over the vocabulary is off by at most
+    ~2^-24 * sum_i p_i (|log p_i| + |log q_i|) (entropy plus cross-entropy, ~10 nats here:
+    5.8e-7, about the int8 KL itself, 4.6e-7; measured 7e-9, the errors cancel). The
+    tolerance is twice that bound: for int2 (KL 2.9e-3) a 0.04% error fails; the int8 KL
+    is at float32's resolution, so for it the tight check is the expansion below.
+    For small logit changes d = logits_q - logits_p,
+    KL ~ 1/2 Var_p(d) (second order; the third-order term is ~|d| times smaller): measured
+    |d| ~ 1e-3 (int8) and 0.1 (int2), so the ratio lies within [0.8, 1.25]; a KL off by 2x
+    (or computed as q || p at int2) leaves it. Top-1 agreement: exactly the direct count
+    (measured 1.0 and 0.44).
+    """
     original = load(saved_models("llama"))
-    for config, most_kl in ((QuantConfig(bits=8), 1e-3), (QuantConfig(bits=2, group_size=16), 1)):
+    text = TEXT[:64]
+    ids = char_tokenizer()(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        reference = original(ids).logits[0, :-1].double()
+    for config in (QuantConfig(bits=8), QuantConfig(bits=2, group_size=16)):
         q = load(quantized_checkpoint(saved_models, tmp_path / str(config.bits), config=config))
         result = evaluate(
-            q, char_tokenizer(), TEXT, text_name="t", model_name="m", baseline=original, window=64
+            q, char_tokenizer(), text, text_name="t", model_name="m", baseline=original, window=64
         )
-        assert 0 < result.kl_divergence < most_kl
-        assert 0 < result.top1_agreement <= 1
+        with torch.no_grad():
+            ours = q(ids).logits[0, :-1].double()
+        log_p, log_q = reference.log_softmax(-1), ours.log_softmax(-1)
+        p = log_p.exp()
+        kl = float((p * (log_p - log_q)).sum(-1).mean())
+        assert result.tokens == 63
+        rounding = float((p * (log_p.abs() + log_q.abs())).sum(-1).mean()) * 2**-24
+        assert result.kl_divergence == pytest.approx(kl, abs=2 * rounding)
+        agree = float((reference.argmax(-1) == ours.argmax(-1)).double().mean())
+        assert result.top1_agreement == agree
+        d = ours - reference
+        second_order = float((0.5 * (p * (d - (p * d).sum(-1, keepdim=True)) ** 2).sum(-1)).mean())
+        assert 0.8 <= result.kl_divergence / second_order <= 1.25, config.label
 
 
 def test_encoders_report_cosine_similarity(saved_models, tmp_path):

@@ -1,6 +1,7 @@
 """What load and generate choose for speed: activation dtype, kernels, layouts, compile."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from cli_checks import run_quantcli
 from tiny_models import char_tokenizer, sample_inputs
 
 from quantcli import QuantConfig
+from quantcli.models import generation
 from quantcli.models.generation import generate_text
 from quantcli.models.loading import load_quantized
 from quantcli.models.source import resolve_model
@@ -76,13 +78,17 @@ def test_int4_layouts_are_made_at_load_and_match_the_stored_model(checkpoints):
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
 
 
-def test_generation_reports_prefill_and_decode_speed(checkpoints):
+def test_generation_reports_prefill_and_decode_speed(checkpoints, monkeypatch):
+    """A fake clock read at the start (0 s), at the first new token (4 s) and at the end
+    (14 s): 6 new tokens, 5 of them decoded in 10 s, so 0.5 token/s, 6 / 14 overall."""
+    readings = iter([0.0, 4.0, 14.0])
+    monkeypatch.setattr(generation, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
     model, _ = load(checkpoints / "int8")
     result = generate_text(model, char_tokenizer(), "hello", max_new_tokens=6, chat=False)
     assert result.new_tokens == 6
-    assert 0 < result.first_token_seconds < result.seconds
-    expected = 5 / (result.seconds - result.first_token_seconds)
-    assert result.decode_tokens_per_second == pytest.approx(expected)
+    assert (result.first_token_seconds, result.seconds) == (4.0, 14.0)
+    assert result.decode_tokens_per_second == 0.5
+    assert result.tokens_per_second == 6 / 14
 
 
 def test_compiled_decoding_gives_the_same_tokens(checkpoints):

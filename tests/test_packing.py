@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantcli.errors import UsageError
-from quantcli.tensor import pack, pack_int32, unpack, unpack_int32
+from quantcli.tensor import pack, pack_int32, packing, unpack, unpack_int32
 from quantcli.tensor.packing import packed_length
 
 
@@ -32,10 +32,6 @@ def test_pack_matches_hand_computed_bytes(bits, codes, expected):
     assert packed.dtype == torch.uint8
     assert packed.tolist() == expected
     assert torch.equal(unpack(packed, bits, len(codes)), values)
-
-
-def test_notes_example_is_177():
-    assert pack(signed([1, 0, 3, 2], 2), 2).item() == 177
 
 
 @settings(max_examples=200, deadline=None)
@@ -100,3 +96,16 @@ def test_values_outside_the_range_are_refused():
 def test_unpackable_bit_width_is_refused():
     with pytest.raises(UsageError, match="1, 2, 4 and 8 bits"):
         pack(torch.zeros(8, dtype=torch.int8), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64], ids=str)
+def test_wider_integer_inputs_pack_like_int8(dtype):
+    values = signed([1, 0, 3, 2, 2, 1], 2)
+    assert torch.equal(pack(values.to(dtype), 2), pack(values, 2))
+
+
+def test_big_endian_hosts_are_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(packing.sys, "byteorder", "big")
+    with pytest.raises(RuntimeError) as error:
+        pack_int32(torch.zeros(1, 8, dtype=torch.int8), 4)
+    assert str(error.value) == "quantcli needs a little-endian machine: its file formats are."

@@ -271,3 +271,60 @@ def test_clipping_search_cuts_the_error_of_gaussian_weights(bits, scheme, group_
 def test_clipping_search_is_refused_per_tensor():
     with pytest.raises(UsageError, match="per channel or per group"):
         quantize(torch.randn(4, 8), 8, "sym", "tensor", optimize=True)
+
+
+def test_group_size_none_and_zero_are_refused_and_one_is_accepted():
+    with pytest.raises(UsageError, match="group_size=None does not divide in_features=4"):
+        quantize(torch.randn(2, 4), 4, "asym", "group", None)
+    with pytest.raises(UsageError, match="group_size=0 does not divide"):
+        quantize(torch.randn(2, 4), 4, "asym", "group", 0)
+    assert quantize(torch.randn(2, 4), 4, "asym", "group", 1).scale.shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: quantize(torch.tensor([[1.0, float("nan")]]), 8),
+            "weight contains 1 NaN and 0 Inf values: repair the checkpoint or exclude this "
+            "layer from quantization.",
+        ),
+        (
+            lambda: quantize(torch.randn(4, 48), 4, "asym", "group", 32),
+            "group_size=32 does not divide in_features=48: choose a group size that divides "
+            "it, or exclude this layer.",
+        ),
+        (
+            lambda: quantize(torch.full((2, 8), 1e38), 2, "sym", "channel", dtype=torch.float16),
+            "the scales overflow torch.float16: the weights are too large for it; store scales "
+            "in float32 instead.",
+        ),
+        (
+            lambda: quantize(torch.randn(4, 8), 8, "sym", "tensor", optimize=True),
+            "the clipping search works per channel or per group, not per tensor.",
+        ),
+    ],
+    ids=["nan", "group", "overflow", "clip-per-tensor"],
+)
+def test_error_messages_in_full(call, message):
+    """The whole sentence a user reads, remedy included (not only its first words)."""
+    with pytest.raises((InvalidTensorError, UsageError)) as error:
+        call()
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_blocks_change_no_result_of_the_clipping_search(scheme, dtype, monkeypatch):
+    """The clipping search also works a few rows at a time; each block must search its
+    own rows' groups (the other test runs without it)."""
+    weight = torch.randn(37, 64, generator=torch.Generator().manual_seed(2))
+    weight[::5, ::7] *= 8  # outliers: the best ratios differ from row to row
+    weight = weight.to(dtype)
+    whole = quantize(weight, 2, scheme, "group", 16, optimize=True)
+    module = importlib.import_module("quantcli.tensor.quantize")
+    monkeypatch.setattr(module, "BLOCK_ELEMENTS", 3 * 64)  # 3 rows per block
+    blocked = quantize(weight, 2, scheme, "group", 16, optimize=True)
+    assert torch.equal(blocked.qdata, whole.qdata) and torch.equal(blocked.scale, whole.scale)
+    if whole.zero_point is not None:
+        assert torch.equal(blocked.zero_point, whole.zero_point)
