@@ -263,13 +263,44 @@ SCALE = "model.layers.0.self_attn.q_proj.weight_scale"
             "is int64 in the file but the config implies int32",
         ),
         (lambda t, m: m.update({"quantcli_format_version": "99"}), "format version 99"),
+        (
+            lambda t, m: t[SCALE].__setitem__(3, float("nan")),
+            r"q_proj\.weight_scale holds 1 value\(s\) that are not finite and positive "
+            r"\(e\.g\. nan\)",
+        ),
+        (lambda t, m: t[SCALE].neg_(), r"holds 64 value\(s\) that are not finite and positive"),
+        (lambda t, m: t[SCALE].zero_(), r"not finite and positive \(e\.g\. 0\.0\)"),
+        (
+            lambda t, m: t[SCALE.replace("scale", "shape")].__setitem__(1, 63),
+            r"q_proj\.weight_shape holds \[64, 63\], not \[64, 64\]",
+        ),
     ],
-    ids=["scale-shape", "missing", "unexpected", "dtype", "newer-format"],
+    ids=[
+        "scale-shape",
+        "missing",
+        "unexpected",
+        "dtype",
+        "newer-format",
+        "nan-scale",
+        "negative-scales",
+        "zero-scales",
+        "weight-shape",
+    ],
 )
 def test_tampered_checkpoints_are_refused_by_name(int8_checkpoint, change, message):
     rewrite(int8_checkpoint, change)
     with pytest.raises(CheckpointError, match=message):
         load_folder(int8_checkpoint)
+
+
+def test_zero_point_outside_the_bit_width_is_refused(saved_models, tmp_path):
+    """A 4-bit per-tensor zero point is stored as plain int8: 100 fits the dtype, not 4 bits."""
+    out = tmp_path / "q"
+    quantize_folder(saved_models("llama"), out, QuantConfig(bits=4, granularity="tensor"))
+    zero = SCALE.replace("scale", "zero_point")
+    rewrite(out, lambda t, m: t[zero].fill_(100))
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight_zero_point holds values outside"):
+        load_folder(out)
 
 
 def test_truncated_file_is_refused(int8_checkpoint):

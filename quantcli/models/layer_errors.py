@@ -21,6 +21,7 @@ from quantcli.checkpoint import (
     weight_files,
 )
 from quantcli.errors import CheckpointError, UsageError
+from quantcli.models.loading import assign_state
 from quantcli.models.replace import linear_weight
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource
@@ -88,7 +89,7 @@ def layer_errors(
             for key in layer.state_dict()
             if f"{name}.{key}" in ours
         }
-        layer.load_state_dict(state, assign=True)
+        assign_state(layer, name, state, strict=True)
         difference = torch.linalg.vector_norm(layer.dequantize_weight(torch.float32) - weight)
         norm = torch.linalg.vector_norm(weight)
         results.append(_layer_error(name, weight.numel(), float(difference), float(norm)))

@@ -98,7 +98,7 @@ def load_quantized(
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             state[leaf] = tensor.to(device)
-        model.get_submodule(module).load_state_dict(state, strict=False, assign=True)
+        assign_state(model.get_submodule(module), module, state)
     model.tie_weights()
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_empty:
@@ -166,6 +166,15 @@ def _tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
         seen.setdefault(id(tensor), name)
     tied.update(getattr(model, "all_tied_weights_keys", {}) or {})
     return tied
+
+
+def assign_state(module: nn.Module, name: str, state: dict, strict: bool = False) -> None:
+    """``load_state_dict(assign=True)`` on one module of a model; a tensor it refuses is
+    named in full (``model.layers.0.mlp.up_proj.weight_scale``), not relative to it."""
+    try:
+        module.load_state_dict(state, strict=strict, assign=True)
+    except CheckpointError as error:
+        raise CheckpointError(f"{name}.{error}" if name else str(error)) from None
 
 
 def set_checkpoint_format(model: nn.Module, weight_format: str) -> None:

@@ -30,7 +30,13 @@ from quantcli.config import Granularity, QuantConfig
 from quantcli.errors import CheckpointError
 from quantcli.nn.kernels import KERNELS, select_kernel
 from quantcli.tensor.packing import pack_int32, packed_length, unpack_int32
-from quantcli.tensor.quantize import QuantizedTensor, dequantize, groups_per_row, quantize
+from quantcli.tensor.quantize import (
+    QuantizedTensor,
+    dequantize,
+    groups_per_row,
+    int_range,
+    quantize,
+)
 
 
 class QuantLinear(nn.Module):
@@ -136,18 +142,13 @@ class QuantLinear(nn.Module):
             destination[prefix + name] = tensor if keep_vars else tensor.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """8-bit layers take the checkpoint's packed words (or older plain int8) as int8."""
+        """Refuse tensors that would compute garbage; 8-bit layers take the checkpoint's
+        packed words (or older plain int8) as int8."""
+        self._check_state(state_dict, prefix)
         packed = state_dict.get(prefix + "weight_packed")
         if not self.config.packed and packed is not None:
             state_dict = dict(state_dict)
-            shape = state_dict.pop(prefix + "weight_shape", None)
-            if shape is not None and not shape.is_meta:
-                expected = [self.out_features, self.in_features]
-                if shape.tolist() != expected:
-                    raise CheckpointError(
-                        f"{prefix}weight_shape holds {shape.tolist()}, not {expected}."
-                    )
-            del state_dict[prefix + "weight_packed"]
+            del state_dict[prefix + "weight_packed"], state_dict[prefix + "weight_shape"]
             state_dict[prefix + "weight"] = unpack_int32(packed, 8, self.in_features)
             zero = state_dict.get(prefix + "weight_zero_point")
             if zero is not None and packs_zero_point(self.config):
@@ -155,6 +156,32 @@ class QuantLinear(nn.Module):
                     zero, 8, self.out_features, dim=0
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_state(self, state_dict, prefix: str) -> None:
+        """Scales finite and positive, ``weight_shape`` this layer's, int8 zero points within
+        the bit width (packed codes cannot leave it): a checkpoint breaking these loads, then
+        generates garbage (NaN logits, ``<unk>``). Costs one pass over the scales."""
+        shape = state_dict.get(prefix + "weight_shape")
+        expected = [self.out_features, self.in_features]
+        if shape is not None and not shape.is_meta and shape.tolist() != expected:
+            raise CheckpointError(f"{prefix}weight_shape holds {shape.tolist()}, not {expected}.")
+        scale = state_dict.get(prefix + "weight_scale")
+        if scale is not None and not scale.is_meta:
+            bad = ~(torch.isfinite(scale) & (scale > 0))
+            if bad.any():
+                raise CheckpointError(
+                    f"{prefix}weight_scale holds {int(bad.sum())} value(s) that are not "
+                    f"finite and positive (e.g. {scale[bad][0].item()}): the checkpoint is "
+                    "corrupt."
+                )
+        zero = state_dict.get(prefix + "weight_zero_point")
+        if zero is not None and not zero.is_meta and zero.dtype == torch.int8 and zero.numel():
+            low, high = int_range(self.config.bits)
+            if int(zero.min()) < low or int(zero.max()) > high:
+                raise CheckpointError(
+                    f"{prefix}weight_zero_point holds values outside {low}..{high}, the "
+                    f"{self.config.bits}-bit range: the checkpoint is corrupt."
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return KERNELS[select_kernel(self, x)](self, x)
