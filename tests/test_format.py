@@ -5,6 +5,7 @@ the two things those let through: the 8-byte alignment of the data section, and 
 field of ``quantcli_config`` (not only ``group_size``).
 """
 
+import hashlib
 import json
 import struct
 
@@ -97,7 +98,11 @@ def test_quantized_checkpoint_records_the_settings_it_was_made_with(saved_models
     _, metadata = read_all_headers(weight_files(tmp_path / "q"))
     recorded = json.loads(metadata["quantcli_config"])
     assert recorded == expected_quantcli_config(config)
-    assert metadata["source_model"] == str(saved_models("llama"))
+    source = saved_models("llama")
+    # a local source is named by its folder and the sha256 of its weights, never its path
+    assert metadata["source_model"] == source.name
+    weights = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
+    assert metadata["source_sha256"] == weights
     assert metadata["source_revision"] == ""
 
 

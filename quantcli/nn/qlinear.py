@@ -148,7 +148,8 @@ class QuantLinear(nn.Module):
         packed = state_dict.get(prefix + "weight_packed")
         if not self.config.packed and packed is not None:
             state_dict = dict(state_dict)
-            del state_dict[prefix + "weight_packed"], state_dict[prefix + "weight_shape"]
+            del state_dict[prefix + "weight_packed"]
+            state_dict.pop(prefix + "weight_shape", None)  # checked above when present
             state_dict[prefix + "weight"] = unpack_int32(packed, 8, self.in_features)
             zero = state_dict.get(prefix + "weight_zero_point")
             if zero is not None and packs_zero_point(self.config):
