@@ -43,6 +43,7 @@ bench: $(VENV)/.smollm2 $(PEERS)/.installed
 	$(PY) scripts/bench.py --cache $(CACHE) --docs
 	$(PY) scripts/bench_memory.py --cache $(CACHE) --docs
 	$(PY) scripts/bench_kernels.py --docs
+	$(PY) scripts/bench_threads.py --cache $(CACHE) --docs
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
 		$(PY) scripts/bench_generate.py --cache $(CACHE) --docs
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \

@@ -106,7 +106,9 @@ def main() -> None:
 
     # the imports every run pays: quantcli, torch, transformers and the model's own module
     _, baseline = measure(
-        sys.executable, "-c", "import quantcli.cli; from transformers import LlamaForCausalLM"
+        sys.executable,
+        "-c",
+        "import quantcli.cli.quantcli; from transformers import LlamaForCausalLM",
     )
     table = Table(title=f"Peak RSS over the bare imports ({baseline / 1e6:.0f} MB)")
     for column in (

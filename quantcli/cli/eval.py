@@ -15,6 +15,7 @@ from quantcli.cli.options import (
     DtypeChoice,
     JsonOption,
     RevisionOption,
+    ThreadsOption,
     TokenOption,
     TrustRemoteCodeOption,
     check_range,
@@ -26,6 +27,7 @@ from quantcli.cli.output import (
     progress_bar,
     stderr,
 )
+from quantcli.cli.process import use_threads
 from quantcli.errors import NotFoundError, UsageError, first_line
 from quantcli.models.evaluation import default_text, evaluate, save_result
 from quantcli.models.generation import load_tokenizer
@@ -113,6 +115,7 @@ def evaluate_command(
     revision: RevisionOption = None,
     token: TokenOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    threads: ThreadsOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Measure what quantization cost: perplexity, and against the float model ΔPPL, KL
@@ -125,6 +128,7 @@ def evaluate_command(
     check_range("--max-tokens", max_tokens, 2)
     check_range("--window", window, 2)
     check_range("--stride", stride, 1)
+    check_range("--threads", threads, 1)
     if plot is not None:
         plot = check_plot_path(plot)
     if text is None:
@@ -132,6 +136,7 @@ def evaluate_command(
     else:
         text_name, content = text.name, _read_text(text)
     activation_dtype = run_dtype(dtype)
+    use_threads(threads)
     # loaded once and shared by the models; None for a recorded source that is unreachable
     baselines: dict[str, torch.nn.Module | None] = {}
     labels: dict[str, str] = {}  # how results (saved, then published on cards) name a model

@@ -14,6 +14,7 @@ from quantcli.cli.options import (
     JsonOption,
     RevisionOption,
     RunDtypeOption,
+    ThreadsOption,
     TokenOption,
     TrustRemoteCodeOption,
     VerboseOption,
@@ -26,6 +27,7 @@ from quantcli.cli.output import (
     kernel_summary,
     stderr,
 )
+from quantcli.cli.process import use_threads
 from quantcli.errors import UsageError
 from quantcli.models.generation import generate_text, load_tokenizer, uses_chat
 from quantcli.models.loading import load_any
@@ -76,13 +78,15 @@ def generate(
         bool,
         typer.Option(
             "--compile",
-            help="Static KV cache and torch.compile of the decode step: about 2x faster "
-            "decoding on small models, after tens of seconds of compilation.",
+            help="Static KV cache and torch.compile of the decode step: 1.9x faster int8 "
+            "decoding on SmolLM2-135M (docs/benchmarks.md), after tens of seconds of "
+            "compilation.",
         ),
     ] = False,
     revision: RevisionOption = None,
     token: TokenOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    threads: ThreadsOption = None,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -91,10 +95,12 @@ def generate(
     check_range("--max-new-tokens", max_new_tokens, 1)
     check_range("--top-p", top_p, 0.0, 1.0)
     check_range("--top-k", top_k, 0)
+    check_range("--threads", threads, 1)
     if do_sample and temperature <= 0:
         raise UsageError(f"--temperature {temperature}: sampling needs a temperature above 0.")
     if prompt == "-":
         prompt = sys.stdin.read()
+    threads = use_threads(threads)
     source = resolve_model(model, revision, token)
     loaded = load_any(source, device, run_dtype(dtype), trust_remote_code)
     activations = next(iter(loaded.parameters())).dtype
@@ -108,6 +114,7 @@ def generate(
             {
                 "dtype": dtype_name(activations),
                 "kernels": kernel_summary(loaded, device, activations),
+                "threads": threads,
             },
         )
         stderr.print(table)
@@ -144,6 +151,7 @@ def generate(
                     "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
                     "compile_seconds": round(result.compile_seconds, 3),
                     "dtype": dtype_name(activations),
+                    "threads": threads,
                 }
             )
         )

@@ -14,8 +14,10 @@ from quantcli.checkpoint import CheckpointSummary, read_eval
 from quantcli.cli.options import (
     JsonOption,
     RevisionOption,
+    ThreadsOption,
     TokenOption,
     TrustRemoteCodeOption,
+    check_range,
 )
 from quantcli.cli.output import (
     print_eval,
@@ -24,6 +26,7 @@ from quantcli.cli.output import (
     stderr,
     stdout,
 )
+from quantcli.cli.process import use_threads
 from quantcli.errors import UsageError
 from quantcli.models.layer_errors import layer_errors
 from quantcli.models.loading import summarize_folder
@@ -66,9 +69,11 @@ def inspect(
     revision: RevisionOption = None,
     token: TokenOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    threads: ThreadsOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show what a checkpoint holds, layer by layer, from its headers only."""
+    check_range("--threads", threads, 1)
     if plot is not None:
         if against is None:
             raise UsageError("--plot draws each layer's error: add --against ORIGINAL.")
@@ -77,6 +82,7 @@ def inspect(
     summary = summarize_folder(source.folder)
     errors = None
     if against is not None:
+        use_threads(threads)
         original = resolve_model(against, None, token)
         with progress_bar(disable=json_output) as progress:
             task = progress.add_task("Comparing", total=None)

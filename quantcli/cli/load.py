@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -13,9 +14,11 @@ from quantcli.cli.options import (
     JsonOption,
     RevisionOption,
     RunDtypeOption,
+    ThreadsOption,
     TokenOption,
     TrustRemoteCodeOption,
     VerboseOption,
+    check_range,
     dtype_name,
     run_dtype,
 )
@@ -24,7 +27,7 @@ from quantcli.cli.output import (
     kernel_summary,
     stdout,
 )
-from quantcli.cli.process import return_big_frees_to_the_os
+from quantcli.cli.process import return_big_frees_to_the_os, use_threads
 from quantcli.models.loading import load_quantized, sanity_forward
 from quantcli.models.source import resolve_model
 from quantcli.units import format_bytes
@@ -45,11 +48,14 @@ def load(
     revision: RevisionOption = None,
     token: TokenOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
+    threads: ThreadsOption = None,
     json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Load a quantized checkpoint without a float copy and run one forward pass."""
+    check_range("--threads", threads, 1)
     return_big_frees_to_the_os()
+    threads = use_threads(threads)
     source = resolve_model(model, revision, token)
     loaded, report = load_quantized(source, device, run_dtype(dtype), trust_remote_code)
     check = sanity_forward(loaded)
@@ -65,6 +71,8 @@ def load(
         "forward_ok": check,
         "dtype": dtype_name(report.dtype),
         "kernels": kernel_summary(loaded, device, report.dtype),
+        "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     if json_output:
         print(json.dumps(result))

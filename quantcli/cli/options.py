@@ -35,6 +35,18 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON summary
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="Say which dtype and matmul kernels run.")
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        help="CPU threads to compute with (default: the physical cores this process may use). "
+        "quantcli also sets OMP_WAIT_POLICY=PASSIVE unless you set it: idle OpenMP threads "
+        "then sleep instead of spinning, which keeps decoding fast when another process "
+        "shares the cores.",
+        show_default=False,
+    ),
+]
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

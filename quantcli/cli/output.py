@@ -45,6 +45,8 @@ def kernel_summary(model, device: str, dtype: torch.dtype | None, prompt_tokens:
 
 def add_kernel_rows(table: Table, result: dict) -> None:
     table.add_row("activations", result["dtype"])
+    if "threads" in result:
+        table.add_row("threads", str(result["threads"]))
     for phase, counts in result["kernels"].items():
         plan = ", ".join(f"{name} x{count}" for name, count in counts.items())
         table.add_row(phase, plan or "no quantized layers")
@@ -59,6 +61,8 @@ def print_eval(result: dict) -> None:
     table.add_row("text", f"{result['text']}: {result['tokens']} tokens scored")
     table.add_row("windows", f"{result['window']} tokens, stride {result['stride']}")
     table.add_row("activations", result["dtype"])
+    if "threads" in result:
+        table.add_row("threads", str(result["threads"]))
     if "perplexity" in result:
         table.add_row("perplexity", f"{result['perplexity']:.4f}")
     if "baseline" in result:

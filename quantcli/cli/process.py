@@ -46,3 +46,59 @@ def return_big_frees_to_the_os() -> None:
         return
     m_mmap_threshold = -3
     libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
+def physical_cores(sysfs: Path = Path("/sys")) -> int:
+    """The physical cores this process may run on: the CPUs of its affinity mask, counted
+    once per core (hyperthread siblings share one), then capped by a cgroup CPU quota.
+
+    Core ids come from /sys (``topology/core_id`` within ``physical_package_id``, as lscpu
+    counts them); without /sys (not Linux, or hidden) every allowed CPU counts as a core.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"devices/system/cpu/cpu{cpu}/topology"
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            cores.add(("cpu", cpu))  # no topology for it: count it as its own core
+            continue
+        cores.add((package, core))
+    count = max(1, len(cores))
+    quota = _cgroup_cpu_quota(sysfs / "fs/cgroup")
+    return max(1, min(count, quota)) if quota else count
+
+
+def _cgroup_cpu_quota(cgroup: Path) -> int | None:
+    """The CPUs a cgroup v2 (``cpu.max``) or v1 (``cfs_quota_us``) quota allows, rounded
+    up; None without a quota."""
+    for quota_file, period_file in (
+        (cgroup / "cpu.max", None),
+        (cgroup / "cpu/cpu.cfs_quota_us", cgroup / "cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            fields = quota_file.read_text().split()
+            if period_file is not None:
+                fields.append(period_file.read_text().strip())
+            quota, period = fields[0], fields[1]
+            if quota in ("max", "-1"):
+                return None
+            return max(1, -(-int(quota) // int(period)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (default: the physical cores) before a command computes;
+    returns the number set."""
+    import torch
+
+    count = threads or physical_cores()
+    torch.set_num_threads(count)
+    return count

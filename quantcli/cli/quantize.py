@@ -15,6 +15,7 @@ from quantcli.cli.options import (
     DtypeChoice,
     JsonOption,
     RevisionOption,
+    ThreadsOption,
     TokenOption,
     TrustRemoteCodeOption,
     check_range,
@@ -24,7 +25,7 @@ from quantcli.cli.output import (
     stderr,
     stdout,
 )
-from quantcli.cli.process import command_line, return_big_frees_to_the_os
+from quantcli.cli.process import command_line, return_big_frees_to_the_os, use_threads
 from quantcli.config import Granularity, QuantConfig, Scheme
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import QuantizeSummary, quantize_checkpoint
@@ -96,6 +97,7 @@ def quantize(
             "torch.load(weights_only=True) (tensors only, no code).",
         ),
     ] = False,
+    threads: ThreadsOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Quantize a checkpoint's linear layers into a compressed-tensors checkpoint.
@@ -105,7 +107,9 @@ def quantize(
     (with compressed-tensors installed) and vLLM.
     """
     check_range("--group-size", group_size, 1)
+    check_range("--threads", threads, 1)
     return_big_frees_to_the_os()
+    use_threads(threads)
     config = QuantConfig(
         bits=int(bits.value),
         scheme=scheme,
