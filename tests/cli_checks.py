@@ -1,5 +1,6 @@
 """Helpers shared by the tests that run quantcli as a user would."""
 
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,22 @@ def run_quantcli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def hub_env(url: str, home, token: str | None = None) -> dict[str, str]:
+    """The environment of a quantcli run against the local Hub double: its address, a
+    private HF_HOME, xet off, no proxy for loopback, no inherited HF_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(
+        HF_ENDPOINT=url,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    if token:
+        env["HF_TOKEN"] = token
+    return env
 
 
 def assert_one_line_error(result, code: int, fragment: str) -> None:

@@ -2,13 +2,12 @@
 examples that run as written, one line for every bad value."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from cli_checks import assert_one_line_error, quantized_checkpoint, run_quantcli
+from cli_checks import assert_one_line_error, hub_env, quantized_checkpoint, run_quantcli
 from hub_double import HubDouble
 from tiny_models import CONFIGS
 from transformers import AutoModelForCausalLM
@@ -87,14 +86,7 @@ def test_every_example_runs_as_written(example_folder):
     """quantize's examples first (they make the folders the others use), then push (to the
     local Hub double, as user `me`), then the rest, some from the Hub."""
     with HubDouble({TOKEN: "me"}) as hub:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(
-            HF_ENDPOINT=hub.url,
-            HF_TOKEN=TOKEN,
-            HF_HUB_DISABLE_XET="1",
-            HF_HOME=str(example_folder / ".hf-home"),
-            NO_PROXY="127.0.0.1,localhost",
-        )
+        env = hub_env(hub.url, example_folder / ".hf-home", TOKEN)
         for module in COMMANDS.values():
             for example in module.EXAMPLES:
                 command = example.replace("quantcli", f"{sys.executable} -m quantcli", 1)

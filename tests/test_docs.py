@@ -7,7 +7,6 @@ name); `push` goes to the local Hub double, as user `me`, and `generate me/...` 
 from it.
 """
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_checks import hub_env
 from hub_double import HubDouble
 from tiny_models import CONFIGS, char_tokenizer
 from transformers import AutoModelForCausalLM
@@ -61,14 +61,7 @@ def test_documented_commands_run_as_written(page, saved_models, tmp_path):
         else:
             shutil.copytree(saved_models(arch), tmp_path / name)
     with HubDouble({TOKEN: "me"}) as hub:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(
-            HF_ENDPOINT=hub.url,
-            HF_TOKEN=TOKEN,
-            HF_HUB_DISABLE_XET="1",
-            HF_HOME=str(tmp_path / ".hf-home"),
-            NO_PROXY="127.0.0.1,localhost",
-        )
+        env = hub_env(hub.url, tmp_path / ".hf-home", TOKEN)
         for command in documented_commands(page):
             if (page, command) in SKIPPED:
                 continue

@@ -6,7 +6,6 @@ and xet disabled: the product only ever talks to huggingface_hub.
 
 import filecmp
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error, hub_env
 from hub_double import HubDouble
 
 from quantcli.checkpoint import LOCAL_SOURCE_NAME
@@ -36,16 +35,7 @@ def cli(hub, tmp_path):
     def run(*args, token=None, fresh_cache=False, stdin=None, python=None, env_extra=None):
         fresh = len(list(tmp_path.glob("hf-fresh-*")))
         home = tmp_path / (f"hf-fresh-{fresh}" if fresh_cache else "hf-home")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env.update(
-            HF_ENDPOINT=hub.url,
-            HF_HUB_DISABLE_XET="1",
-            HF_HOME=str(home),
-            HF_HUB_DISABLE_TELEMETRY="1",
-            NO_PROXY="127.0.0.1,localhost",
-        )
-        if token:
-            env["HF_TOKEN"] = token
+        env = hub_env(hub.url, home, token)
         env.update(env_extra or {})
         command = ["-c", python] if python else ["-m", "quantcli", *map(str, args)]
         result = subprocess.run(
