@@ -13,22 +13,13 @@ import struct
 
 import pytest
 import torch
-from cli_checks import assert_one_line_error, run_main, run_quantcli
+from cli_checks import assert_one_line_error, fingerprint, run_main, run_quantcli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantcli.checkpoint import LOCAL_SOURCE_NAME
 
 SECRET = "hf_SecretTokenThatMustNeverBeCopied"
-
-
-def fingerprint(folder):
-    """Every file under `folder` with its sha256: equal before and after means untouched."""
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 @pytest.fixture

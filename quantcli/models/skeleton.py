@@ -37,8 +37,12 @@ def load_hf_config(folder: Path, trust_remote_code: bool = False) -> PretrainedC
                 "this model needs its own code from the Hub: pass --trust-remote-code to allow it"
             )
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {message}") from None
-    except (OSError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"cannot read {folder / 'config.json'}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - reading a JSON file runs none of ours
+        # transformers trusts the file's types (a "dtype" of [] is an IndexError deep in it)
+        raise CheckpointError(
+            f"cannot read {folder / 'config.json'} ({type(error).__name__}: "
+            f"{first_line(error)}): check its fields."
+        ) from None
     architectures = getattr(config, "architectures", None)
     if architectures is not None and not (
         isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
