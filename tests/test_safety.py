@@ -6,14 +6,22 @@ Each case runs the command line in this process and checks the exit code, the on
 stderr, and what is on disk afterwards."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import struct
+import sys
 
 import pytest
 import torch
-from cli_checks import assert_one_line_error, fingerprint, run_main, run_quantcli
+from cli_checks import (
+    assert_one_line_error,
+    fingerprint,
+    quantized_checkpoint,
+    run_main,
+    run_quantcli,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -428,3 +436,95 @@ def test_too_little_space_for_the_conversion_is_refused_first(
     result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle")
     assert_one_line_error(result, 5, "needs about")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --- input problems that are the user's or the checkpoint's, never a bug (exit 1) -------
+
+
+@pytest.fixture
+def checkpoint(saved_models, tmp_path):
+    """A private int4 checkpoint of the tiny Llama, free to be broken."""
+    return quantized_checkpoint(saved_models, tmp_path / "int4")
+
+
+NOT_TOKENIZERS = {
+    "JSON object of something else": b'{"hello": 1}',
+    "JSON list": b"[]",
+    "model of the wrong type": b'{"version": "1.0", "model": 7}',
+    "binary": b"\xff\xfe\x00junk",
+}
+READERS = {  # the commands that read the tokenizer, with what they need to run
+    "generate": ["generate", "{}", "hi", "--max-new-tokens", "2"],
+    "eval": ["eval", "{}", "--no-baseline", "--no-save", "--max-tokens", "16"],
+}
+
+
+@pytest.mark.parametrize("command", READERS)
+@pytest.mark.parametrize("content", NOT_TOKENIZERS)
+def test_a_tokenizer_json_that_is_no_tokenizer_is_named(
+    checkpoint, monkeypatch, capsys, command, content
+):
+    (checkpoint / "tokenizer.json").write_bytes(NOT_TOKENIZERS[content])
+    before = fingerprint(checkpoint)
+    args = [str(checkpoint) if arg == "{}" else arg for arg in READERS[command]]
+    assert_one_line_error(run_main(monkeypatch, capsys, *args), 4, "tokenizer.json in")
+    assert fingerprint(checkpoint) == before
+
+
+def test_quantize_copies_a_broken_tokenizer_and_warns(source, tmp_path, quantize):
+    """Copied, not refused: quantize is about the weights, and a tokenizer this `tokenizers`
+    cannot parse may suit a newer one; the warning comes now, not at the first generate."""
+    (source / "tokenizer.json").write_bytes(NOT_TOKENIZERS["JSON object of something else"])
+    result = quantize(source, "--out", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    assert "Warning: tokenizer.json in" in result.stderr and "copied it as it is" in result.stderr
+    assert (tmp_path / "q" / "tokenizer.json").read_bytes() == (
+        source / "tokenizer.json"
+    ).read_bytes()
+
+
+CHAT_TEMPLATES = {  # template: (exit code, fragment)
+    "{% for m in messages %}{{ m.content ": (4, "chat template is broken (TemplateSyntaxError"),
+    "{{ messages[5].content }}": (4, "chat template is broken (UndefinedError"),
+    "{{ messages[0].content.x.y }}": (4, "chat template is broken (UndefinedError"),
+    "{{ '' }}": (4, "turns the prompt into nothing"),
+    "{{ raise_exception('no system role') }}": (2, "refuses this prompt (no system role)"),
+}
+
+
+@pytest.mark.parametrize("template", CHAT_TEMPLATES)
+def test_a_bad_chat_template_is_one_line(checkpoint, monkeypatch, capsys, template):
+    (checkpoint / "chat_template.jinja").write_text(template)
+    code, fragment = CHAT_TEMPLATES[template]
+    result = run_main(monkeypatch, capsys, "generate", checkpoint, "hi", "--max-new-tokens", "2")
+    assert_one_line_error(result, code, fragment)
+    assert "--no-chat" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "byte"), [(b"\xff\xfe\x80", "0xff"), (b"caf\xe9", "0xe9"), (b"hi \x80", "0x80")]
+)
+def test_binary_stdin_is_a_usage_error(checkpoint, monkeypatch, capsys, data, byte):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    result = run_main(monkeypatch, capsys, "generate", checkpoint, "-", "--no-chat")
+    assert_one_line_error(result, 2, f"the prompt on stdin is not UTF-8 text (byte {byte}")
+
+
+@pytest.mark.parametrize("command", ["load", "generate", "eval"])
+@pytest.mark.parametrize(
+    ("device", "problem"),
+    [
+        ("cuda", "needs a GPU, but this torch has no CUDA or sees no GPU"),
+        ("cuda:7", "needs a GPU, but this torch has no CUDA or sees no GPU"),
+        ("foo", "is not a device name"),
+        ("", "is not a device name"),
+        ("meta", "is not available here"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_first(
+    checkpoint, monkeypatch, capsys, command, device, problem
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch
+    args = {"load": [], "generate": ["hi"], "eval": ["--no-baseline"]}[command]
+    result = run_main(monkeypatch, capsys, command, checkpoint, *args, "--device", device)
+    assert_one_line_error(result, 2, f"--device {device} {problem}: use one of cpu.")

@@ -17,6 +17,7 @@ from quantcli.cli.options import (
     RevisionOption,
     TokenOption,
     TrustRemoteCodeOption,
+    check_device,
     check_range,
     run_dtype,
 )
@@ -122,6 +123,7 @@ def evaluate_command(
     shows it and `push` puts it on the model card. With several models, `--json` prints
     one JSON object per line.
     """
+    check_device(device)
     check_range("--max-tokens", max_tokens, 2)
     check_range("--window", window, 2)
     check_range("--stride", stride, 1)

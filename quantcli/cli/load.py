@@ -16,6 +16,7 @@ from quantcli.cli.options import (
     TokenOption,
     TrustRemoteCodeOption,
     VerboseOption,
+    check_device,
     dtype_name,
     run_dtype,
 )
@@ -49,6 +50,7 @@ def load(
     verbose: VerboseOption = False,
 ) -> None:
     """Load a quantized checkpoint without a float copy and run one forward pass."""
+    check_device(device)
     return_big_frees_to_the_os()
     source = resolve_model(model, revision, token)
     loaded, report = load_quantized(source, device, run_dtype(dtype), trust_remote_code)

@@ -48,7 +48,13 @@ from quantcli.errors import (
 from quantcli.files import model_root, umask_mode
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
-from quantcli.models.source import ModelSource, card_license, safetensors_copy, side_files
+from quantcli.models.source import (
+    ModelSource,
+    card_license,
+    check_tokenizer_file,
+    safetensors_copy,
+    side_files,
+)
 from quantcli.nn.qlinear import QuantLinear, compressed_state, quantize_weight
 from quantcli.runtimes import vllm_warning
 from quantcli.units import format_bytes
@@ -223,7 +229,7 @@ def quantize_checkpoint(
 
     quantized_items = [item for item in plan.items if item.quantized_params]
     return QuantizeSummary(
-        warnings=_warnings(config, conv1d),
+        warnings=_warnings(config, conv1d) + _side_file_warnings(source.folder),
         output=out,
         quantized=report.replaced,
         skipped=report.skipped,
@@ -325,6 +331,18 @@ def _warnings(config: QuantConfig, conv1d: bool) -> list[str]:
     elif (warning := vllm_warning(config)) is not None:
         warnings.append(warning)
     return warnings
+
+
+def _side_file_warnings(folder: Path) -> list[str]:
+    """Side files are copied as they are, broken or not: quantize is about the weights, a
+    tokenizer this `tokenizers` cannot parse may suit a newer one (or vLLM), and the
+    quantized weights stay usable with a tokenizer put back later. But the user hears now
+    rather than at the first `generate`."""
+    try:
+        check_tokenizer_file(folder)
+    except CheckpointError as error:
+        return [f"{error} quantize copied it as it is: generate and eval refuse it until then."]
+    return []
 
 
 def _group_misfit_message(skeleton, report, config: QuantConfig) -> str:
