@@ -280,6 +280,24 @@ def replace_tensor(name, tensor):
     return change
 
 
+def add_tensor(name):
+    def change(folder):
+        tensors = load_file(folder / "model.safetensors")
+        tensors[name] = torch.ones(64)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return change
+
+
+def drop_tensor(name):
+    def change(folder):
+        tensors = load_file(folder / "model.safetensors")
+        del tensors[name]
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return change
+
+
 def two_shards_with_one_tensor(folder):
     shutil.copy(folder / "model.safetensors", folder / "model-b.safetensors")
     (folder / "model.safetensors").rename(folder / "model-a.safetensors")
@@ -365,6 +383,26 @@ STRICT_CASES = {  # name: (change to the source, exit code, fragment of the one 
         4,
         "'model.norm.weight' has shape [65]",
     ),
+    "tensor the config does not describe": (
+        add_tensor("model.layers.0.mlp.extra.weight"),
+        4,
+        "holds tensor 'model.layers.0.mlp.extra.weight', which config.json does not describe",
+    ),
+    "norm weight missing": (
+        drop_tensor("model.norm.weight"),
+        4,
+        "lacks tensor 'model.norm.weight', which the model needs",
+    ),
+    "untied output head missing": (
+        drop_tensor("lm_head.weight"),
+        4,
+        "lacks tensor 'lm_head.weight', which the model needs",
+    ),
+    "linear weight missing": (
+        drop_tensor("model.layers.1.self_attn.o_proj.weight"),
+        4,
+        "lacks tensor 'model.layers.1.self_attn.o_proj.weight'",
+    ),
     "integer linear weight": (
         replace_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64).to(torch.uint16)),
         4,
@@ -379,6 +417,20 @@ def test_strict_reading(case, source, tmp_path, quantize):
     change(source)
     assert_one_line_error(quantize(source, "--out", tmp_path / "q"), code, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_tied_head_may_be_absent_and_a_legacy_buffer_is_dropped(source, tmp_path, quantize):
+    """Not every absent or extra tensor is an error: a head tied to the embeddings is the
+    embeddings (transformers saves it once), and an old checkpoint's rotary_emb.inv_freq is
+    a buffer transformers now computes and ignores in files."""
+    edit_config(tie_word_embeddings=True)(source)
+    drop_tensor("lm_head.weight")(source)
+    add_tensor("model.layers.0.self_attn.rotary_emb.inv_freq")(source)
+    assert quantize(source, "--out", tmp_path / "q", "--json").returncode == 0
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        written = set(f.keys())
+    assert "lm_head.weight" not in written
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in written  # load would refuse it
 
 
 def test_an_fp8_source_is_read_and_widened_to_bf16(source, tmp_path, quantize):

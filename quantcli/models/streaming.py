@@ -13,6 +13,7 @@ import glob
 import hashlib
 import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -265,6 +266,7 @@ def _plan(
     model_keys = set(expected)
     prefix = getattr(skeleton, "base_model_prefix", "")
     rename = {key: model_key(key, model_keys, prefix) for key in tensors}
+    tensors = _check_tensor_names(skeleton, tensors, rename, expected)
     by_model_key = {rename[key]: info for key, info in tensors.items()}
     for name, info in by_model_key.items():
         if name in expected and tuple(expected[name].shape) != info.shape:
@@ -312,6 +314,49 @@ def _plan(
             )
         )
     return plan
+
+
+def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, TensorInfo]:
+    """`tensors` less those transformers drops on load (legacy buffers such as GPT-2's
+    ``attn.bias``); refuses a tensor the config does not describe, which would be copied
+    into a checkpoint no loader accepts, and a missing one the model needs (a norm weight:
+    the model would run with garbage), except a tied head, which is the embeddings."""
+    from quantcli.models.loading import _tied_keys
+
+    ignored = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_unexpected")
+    if any(name.endswith("rotary_emb.inv_freq") for name, _ in skeleton.named_buffers()):
+        ignored.append(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name, _ in skeleton.named_buffers()):
+        ignored.append(r"(^|\.)position_ids$")
+    unexpected = sorted(key for key in tensors if rename[key] not in expected)
+    dropped = {key for key in unexpected if any(re.search(p, key) for p in ignored)}
+    unexpected = [key for key in unexpected if key not in dropped]
+    if unexpected:
+        raise CheckpointError(
+            f"the checkpoint holds tensor '{unexpected[0]}'{_more(unexpected)}, which "
+            "config.json does not describe: the weights and the config disagree."
+        )
+    optional = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_missing")
+    present = {rename[key] for key in tensors}
+    missing = sorted(
+        name
+        for name in set(expected) - present - _tied_keys(skeleton, expected)
+        if not any(re.search(p, name) for p in optional)
+    )
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks tensor '{missing[0]}'{_more(missing)}, which the model "
+            "needs: the files are incomplete or do not match config.json."
+        )
+    return {key: info for key, info in tensors.items() if key not in dropped}
+
+
+def _ignore_patterns(skeleton, attribute: str) -> list[str]:
+    return list(getattr(skeleton, attribute, None) or [])
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def _stored_float(dtype: torch.dtype) -> torch.dtype:
