@@ -84,14 +84,39 @@ def test_out_linking_to_the_source_is_refused(source, tmp_path, quantize):
     assert fingerprint(source) == before
 
 
-@pytest.mark.parametrize("kind", ["folder of user files", "file"])
+def user_folder(out):
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+
+
+def link_to_user_folder(out):
+    user_folder(out.parent / "mine")
+    out.symlink_to(out.parent / "mine", target_is_directory=True)
+
+
+def hidden_files_only(out):
+    out.mkdir()
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main")
+
+
+NOT_QUANTCLI_OUTPUTS = {
+    "folder of user files": user_folder,
+    "file": lambda out: out.write_text("notes"),
+    "link to a folder of user files": link_to_user_folder,
+    "folder of hidden files only": hidden_files_only,
+    "another float model": lambda out: shutil.copytree(out.parent / "src", out),
+    "folder with a config.json only": lambda out: (
+        out.mkdir(),
+        (out / "config.json").write_text("{}"),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_QUANTCLI_OUTPUTS)
 def test_overwrite_refuses_what_quantcli_did_not_write(source, tmp_path, quantize, kind):
     out = tmp_path / "out"
-    if kind == "file":
-        out.write_text("notes")
-    else:
-        out.mkdir()
-        (out / "thesis.tex").write_text("years of work")
+    NOT_QUANTCLI_OUTPUTS[kind](out)
     before = fingerprint(tmp_path)
     assert_one_line_error(
         quantize(source, "--out", out, "--overwrite"), 2, "is not a quantcli output"
@@ -310,6 +335,16 @@ def index_naming_a_ghost(folder):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def index_naming(name):
+    def change(folder):
+        write_index(folder, "model.safetensors")
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        index["weight_map"][name] = "model.safetensors"
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return change
+
+
 def index_with_a_number(folder):
     write_index(folder, "model.safetensors")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -363,6 +398,16 @@ STRICT_CASES = {  # name: (change to the source, exit code, fragment of the one 
     "hidden_size as a string": (edit_config(hidden_size="64"), 4, "'hidden_size' expected int"),
     "vocab_size as a float": (edit_config(vocab_size=128.5), 4, "'vocab_size' expected int"),
     "negative size": (edit_config(vocab_size=-1), 4, "does not describe a buildable"),
+    "pad_token_id beyond the vocabulary": (
+        edit_config(pad_token_id=128),
+        4,
+        "(AssertionError: Padding_idx must be within num_embeddings)",
+    ),
+    "layer count that would take minutes to build": (
+        edit_config(num_hidden_layers=65536),
+        4,
+        "'num_hidden_layers' is 65536, more layers than any model has",
+    ),
     "architectures disagreeing with model_type": (
         edit_config(architectures=["GPT2LMHeadModel"]),
         4,
@@ -403,6 +448,17 @@ STRICT_CASES = {  # name: (change to the source, exit code, fragment of the one 
         4,
         "lacks tensor 'model.layers.1.self_attn.o_proj.weight'",
     ),
+    "control character in a tensor name": (
+        index_naming("model.norm.weight\x85"),
+        4,
+        "puts tensor 'model.norm.weight\\x85' in model.safetensors",
+    ),
+    "terminal escape in a tensor name": (
+        index_naming("\x1b]0;pwned\x07"),
+        4,
+        "puts tensor '\\x1b]0;pwned\\x07'",
+    ),
+    "dtype a list": (edit_config(dtype=[]), 4, "cannot read"),
     "integer linear weight": (
         replace_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64).to(torch.uint16)),
         4,
@@ -431,6 +487,24 @@ def test_a_tied_head_may_be_absent_and_a_legacy_buffer_is_dropped(source, tmp_pa
         written = set(f.keys())
     assert "lm_head.weight" not in written
     assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in written  # load would refuse it
+
+
+@pytest.mark.parametrize("command", ["inspect", "load"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_bits", 4.0), ("num_bits", True), ("group_size", []), ("group_size", "32")],
+)
+def test_a_quantization_setting_that_is_no_integer_is_refused(
+    checkpoint, monkeypatch, capsys, command, field, value
+):
+    """8.0 == 8 and True == 1 in Python: only a real integer is a bit width or group size."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"][field] = value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    before = fingerprint(checkpoint)
+    result = run_main(monkeypatch, capsys, command, checkpoint)
+    assert_one_line_error(result, 4, f"'{field}' must be an integer, not {value!r}")
+    assert fingerprint(checkpoint) == before
 
 
 def test_an_fp8_source_is_read_and_widened_to_bf16(source, tmp_path, quantize):
