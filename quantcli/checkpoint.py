@@ -356,6 +356,12 @@ def parse_quantization_config(raw: object) -> tuple[QuantConfig, str]:
         )
     fmt = group.get("format") or raw.get("format")
     bits = weights.get("num_bits")
+    for field in ("num_bits", "group_size"):  # 8.0 == 8 and True == 1: only true integers
+        value = weights.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise CheckpointError(
+                f"the quantization config's '{field}' must be an integer, not {value!r}."
+            )
     readable = ("pack-quantized", "int-quantized") if bits == 8 else ("pack-quantized",)
     if fmt not in readable:
         raise CheckpointError(

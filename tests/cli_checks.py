@@ -1,5 +1,6 @@
 """Helpers shared by the tests that run quantcli as a user would."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -62,3 +63,12 @@ def run_main(monkeypatch, capsys, *args) -> subprocess.CompletedProcess:
         entry_point.main()
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, exit_info.value.code, captured.out, captured.err)
+
+
+def fingerprint(folder):
+    """Every file under `folder` with its sha256: equal before and after means untouched."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }

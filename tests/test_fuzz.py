@@ -3,12 +3,21 @@
 import json
 import math
 import re
+import shutil
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
-from cli_checks import assert_one_line_error, run_quantcli
-from hypothesis import HealthCheck, given, settings
+from cli_checks import (
+    assert_one_line_error,
+    fingerprint,
+    quantized_checkpoint,
+    run_main,
+    run_quantcli,
+)
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from quantcli.checkpoint import (
@@ -148,3 +157,215 @@ def test_inspect_on_random_bytes_is_one_line(tmp_path):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert_one_line_error(run_quantcli("inspect", tmp_path), 4, "model.safetensors")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+
+
+# --- the whole command line on mutated models (issue #17, item 9) -------------------------
+#
+# Each example copies a good model, breaks one file in one way, runs the real entry point
+# and checks the rules every command keeps: exit 0 or 2-5 (1 would be a bug), one line on
+# stderr and no traceback when it fails, the input untouched, and nothing beside it.
+
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 2**16)  # bounded: a config asking for 2**40 units is a memory test
+    | st.floats()
+    | st.text(max_size=8)
+)
+SMALL_JSON = st.recursive(
+    SCALARS,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+DTYPE_NAMES = ["F32", "BF16", "F16", "F64", "I8", "U8", "I32", "I64", "BOOL", "F8_E4M3", "F4", ""]
+FILE_NAMES = [
+    "model.safetensors",
+    "../model.safetensors",
+    "/etc/passwd",
+    "",
+    ".",
+    "sub/../model.safetensors",
+    "model.safetensors/",
+    "missing.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "model.safetensors.index.json",
+]
+
+
+def split_safetensors(path):
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+
+def join_safetensors(path, header, body, size=None):
+    encoded = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(encoded) if size is None else size) + encoded + body)
+
+
+def tensor_names(header):
+    return sorted(name for name in header if name != "__metadata__")
+
+
+def break_header(data, folder):
+    """One of seven ways to break model.safetensors's header or data."""
+    path = folder / "model.safetensors"
+    header, body = split_safetensors(path)
+    names = tensor_names(header)
+    kind = data.draw(
+        st.sampled_from(["junk", "field", "drop", "rename", "metadata", "length", "truncate"])
+    )
+    if kind == "junk":
+        header = data.draw(SMALL_JSON)
+    elif kind == "field":
+        entry = header[data.draw(st.sampled_from(names))]
+        field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        entry[field] = data.draw(
+            st.sampled_from(DTYPE_NAMES) | st.lists(st.integers(-2, 2**20), max_size=3) | SMALL_JSON
+        )
+    elif kind == "drop":
+        del header[data.draw(st.sampled_from(names))]
+    elif kind == "rename":
+        new = data.draw(st.sampled_from([*names, "lm_head.weight", "", "a.weight_scale"]))
+        header[new] = header.pop(data.draw(st.sampled_from(names)))
+    elif kind == "metadata":
+        header["__metadata__"] = data.draw(
+            st.dictionaries(
+                st.sampled_from(["quantcli_format_version", "quantcli_config", "format"]),
+                st.text(max_size=12),
+            )
+            | SMALL_JSON
+        )
+    elif kind == "length":
+        join_safetensors(path, header, body, data.draw(st.integers(0, 2**64 - 1)))
+        return kind
+    else:
+        raw = path.read_bytes()
+        path.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
+        return kind
+    join_safetensors(path, header, body)
+    return kind
+
+
+def break_index(data, folder):
+    """One of five ways to break a model.safetensors.index.json over the one shard."""
+    header, _ = split_safetensors(folder / "model.safetensors")
+    weight_map = dict.fromkeys(tensor_names(header), "model.safetensors")
+    kind = data.draw(st.sampled_from(["junk", "bytes", "entry", "extra", "weight_map"]))
+    if kind == "junk":
+        index = data.draw(SMALL_JSON)
+    elif kind == "bytes":
+        (folder / INDEX).write_bytes(data.draw(st.binary(max_size=32)))
+        return kind
+    elif kind == "entry":
+        name = data.draw(st.sampled_from(sorted(weight_map)))
+        weight_map[name] = data.draw(st.sampled_from(FILE_NAMES) | SMALL_JSON)
+        index = {"weight_map": weight_map}
+    elif kind == "extra":
+        weight_map[data.draw(st.text(max_size=12))] = data.draw(st.sampled_from(FILE_NAMES))
+        index = {"weight_map": weight_map}
+    else:
+        index = {"metadata": data.draw(SMALL_JSON), "weight_map": data.draw(SMALL_JSON)}
+    (folder / INDEX).write_text(json.dumps(index))
+    return kind
+
+
+CONFIG_EXTRAS = ["model_type", "architectures", "dtype", "torch_dtype", "head_dim", "rope_scaling"]
+
+
+def break_config(data, folder):
+    """One of four ways to break config.json: a field's value, a field gone, the file."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    kind = data.draw(st.sampled_from(["field", "drop", "junk", "bytes"]))
+    keys = sorted({*config, *CONFIG_EXTRAS} - {"quantization_config"})
+    if kind == "field":
+        config[data.draw(st.sampled_from(keys))] = data.draw(SMALL_JSON)
+    elif kind == "drop":
+        config.pop(data.draw(st.sampled_from(sorted(config))), None)
+    elif kind == "junk":
+        config = data.draw(SMALL_JSON)
+    else:
+        path.write_bytes(data.draw(st.binary(max_size=32)))
+        return kind
+    path.write_text(json.dumps(config))
+    return kind
+
+
+def break_quantization_config(data, folder):
+    """One of two ways to break `quantization_config`: replaced whole, or one weights
+    setting replaced (a float source gets one too: it must then be refused as quantized)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    current = config.get("quantization_config")
+    if current is None or data.draw(st.booleans()):
+        config["quantization_config"] = data.draw(quantization_configs())
+        kind = "replaced"
+    else:
+        weights = current["config_groups"]["group_0"]["weights"]
+        weights[data.draw(st.sampled_from(KEYS))] = data.draw(SMALL_JSON)
+        kind = "weights field"
+    path.write_text(json.dumps(config))
+    return kind
+
+
+INDEX = "model.safetensors.index.json"
+BREAKERS = {
+    "header": break_header,
+    "index": break_index,
+    "config": break_config,
+    "quantization_config": break_quantization_config,
+}
+
+
+@pytest.fixture(scope="module")
+def fuzz_models(saved_models, tmp_path_factory):
+    """The tiny Llama and its int4 checkpoint: each example breaks a copy."""
+    quantized = quantized_checkpoint(saved_models, tmp_path_factory.mktemp("fuzz") / "int4")
+    return {"source": saved_models("llama"), "quantized": quantized}
+
+
+def run_on_broken(monkeypatch, capsys, data, model, part, commands):
+    """Break a copy of `model` with BREAKERS[part], then run each command on it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = shutil.copytree(model, Path(tmp) / "model")
+        kind = BREAKERS[part](data, folder)
+        event(f"{part}: {kind}")
+        before = fingerprint(folder)
+        for command in commands:
+            out = ["--out", Path(tmp) / "q"] if command == "quantize" else []
+            result = run_main(monkeypatch, capsys, command, folder, *out)
+            event(f"{command} exit {result.returncode}")
+            assert result.returncode in (0, 2, 3, 4, 5), f"{command}, {part}: {kind}"
+            if result.returncode:
+                assert_one_line_error(result, result.returncode, "")
+                assert sorted(p.name for p in Path(tmp).iterdir()) == ["model"]
+            assert fingerprint(folder) == before
+            shutil.rmtree(Path(tmp) / "q", ignore_errors=True)
+
+
+def fuzz_settings(examples):
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
+@pytest.mark.parametrize("part", BREAKERS)
+@fuzz_settings(30)
+@given(data=st.data())
+def test_quantize_on_a_broken_source_fails_cleanly(part, fuzz_models, monkeypatch, capsys, data):
+    run_on_broken(monkeypatch, capsys, data, fuzz_models["source"], part, ["quantize"])
+
+
+@pytest.mark.parametrize("part", BREAKERS)
+@fuzz_settings(20)
+@given(data=st.data())
+def test_inspect_and_load_on_a_broken_checkpoint_fail_cleanly(
+    part, fuzz_models, monkeypatch, capsys, data
+):
+    run_on_broken(monkeypatch, capsys, data, fuzz_models["quantized"], part, ["inspect", "load"])

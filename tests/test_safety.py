@@ -6,29 +6,28 @@ Each case runs the command line in this process and checks the exit code, the on
 stderr, and what is on disk afterwards."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import struct
+import sys
 
 import pytest
 import torch
-from cli_checks import assert_one_line_error, run_main, run_quantcli
+from cli_checks import (
+    assert_one_line_error,
+    fingerprint,
+    quantized_checkpoint,
+    run_main,
+    run_quantcli,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantcli.checkpoint import LOCAL_SOURCE_NAME
 
 SECRET = "hf_SecretTokenThatMustNeverBeCopied"
-
-
-def fingerprint(folder):
-    """Every file under `folder` with its sha256: equal before and after means untouched."""
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 @pytest.fixture
@@ -85,14 +84,39 @@ def test_out_linking_to_the_source_is_refused(source, tmp_path, quantize):
     assert fingerprint(source) == before
 
 
-@pytest.mark.parametrize("kind", ["folder of user files", "file"])
+def user_folder(out):
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+
+
+def link_to_user_folder(out):
+    user_folder(out.parent / "mine")
+    out.symlink_to(out.parent / "mine", target_is_directory=True)
+
+
+def hidden_files_only(out):
+    out.mkdir()
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main")
+
+
+NOT_QUANTCLI_OUTPUTS = {
+    "folder of user files": user_folder,
+    "file": lambda out: out.write_text("notes"),
+    "link to a folder of user files": link_to_user_folder,
+    "folder of hidden files only": hidden_files_only,
+    "another float model": lambda out: shutil.copytree(out.parent / "src", out),
+    "folder with a config.json only": lambda out: (
+        out.mkdir(),
+        (out / "config.json").write_text("{}"),
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_QUANTCLI_OUTPUTS)
 def test_overwrite_refuses_what_quantcli_did_not_write(source, tmp_path, quantize, kind):
     out = tmp_path / "out"
-    if kind == "file":
-        out.write_text("notes")
-    else:
-        out.mkdir()
-        (out / "thesis.tex").write_text("years of work")
+    NOT_QUANTCLI_OUTPUTS[kind](out)
     before = fingerprint(tmp_path)
     assert_one_line_error(
         quantize(source, "--out", out, "--overwrite"), 2, "is not a quantcli output"
@@ -281,6 +305,24 @@ def replace_tensor(name, tensor):
     return change
 
 
+def add_tensor(name):
+    def change(folder):
+        tensors = load_file(folder / "model.safetensors")
+        tensors[name] = torch.ones(64)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return change
+
+
+def drop_tensor(name):
+    def change(folder):
+        tensors = load_file(folder / "model.safetensors")
+        del tensors[name]
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return change
+
+
 def two_shards_with_one_tensor(folder):
     shutil.copy(folder / "model.safetensors", folder / "model-b.safetensors")
     (folder / "model.safetensors").rename(folder / "model-a.safetensors")
@@ -291,6 +333,16 @@ def index_naming_a_ghost(folder):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.ghost.weight"] = "model.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def index_naming(name):
+    def change(folder):
+        write_index(folder, "model.safetensors")
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        index["weight_map"][name] = "model.safetensors"
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return change
 
 
 def index_with_a_number(folder):
@@ -346,6 +398,16 @@ STRICT_CASES = {  # name: (change to the source, exit code, fragment of the one 
     "hidden_size as a string": (edit_config(hidden_size="64"), 4, "'hidden_size' expected int"),
     "vocab_size as a float": (edit_config(vocab_size=128.5), 4, "'vocab_size' expected int"),
     "negative size": (edit_config(vocab_size=-1), 4, "does not describe a buildable"),
+    "pad_token_id beyond the vocabulary": (
+        edit_config(pad_token_id=128),
+        4,
+        "(AssertionError: Padding_idx must be within num_embeddings)",
+    ),
+    "layer count that would take minutes to build": (
+        edit_config(num_hidden_layers=65536),
+        4,
+        "'num_hidden_layers' is 65536, more layers than any model has",
+    ),
     "architectures disagreeing with model_type": (
         edit_config(architectures=["GPT2LMHeadModel"]),
         4,
@@ -366,6 +428,37 @@ STRICT_CASES = {  # name: (change to the source, exit code, fragment of the one 
         4,
         "'model.norm.weight' has shape [65]",
     ),
+    "tensor the config does not describe": (
+        add_tensor("model.layers.0.mlp.extra.weight"),
+        4,
+        "holds tensor 'model.layers.0.mlp.extra.weight', which config.json does not describe",
+    ),
+    "norm weight missing": (
+        drop_tensor("model.norm.weight"),
+        4,
+        "lacks tensor 'model.norm.weight', which the model needs",
+    ),
+    "untied output head missing": (
+        drop_tensor("lm_head.weight"),
+        4,
+        "lacks tensor 'lm_head.weight', which the model needs",
+    ),
+    "linear weight missing": (
+        drop_tensor("model.layers.1.self_attn.o_proj.weight"),
+        4,
+        "lacks tensor 'model.layers.1.self_attn.o_proj.weight'",
+    ),
+    "control character in a tensor name": (
+        index_naming("model.norm.weight\x85"),
+        4,
+        "puts tensor 'model.norm.weight\\x85' in model.safetensors",
+    ),
+    "terminal escape in a tensor name": (
+        index_naming("\x1b]0;pwned\x07"),
+        4,
+        "puts tensor '\\x1b]0;pwned\\x07'",
+    ),
+    "dtype a list": (edit_config(dtype=[]), 4, "cannot read"),
     "integer linear weight": (
         replace_tensor("model.layers.0.mlp.up_proj.weight", torch.zeros(128, 64).to(torch.uint16)),
         4,
@@ -380,6 +473,38 @@ def test_strict_reading(case, source, tmp_path, quantize):
     change(source)
     assert_one_line_error(quantize(source, "--out", tmp_path / "q"), code, fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_tied_head_may_be_absent_and_a_legacy_buffer_is_dropped(source, tmp_path, quantize):
+    """Not every absent or extra tensor is an error: a head tied to the embeddings is the
+    embeddings (transformers saves it once), and an old checkpoint's rotary_emb.inv_freq is
+    a buffer transformers now computes and ignores in files."""
+    edit_config(tie_word_embeddings=True)(source)
+    drop_tensor("lm_head.weight")(source)
+    add_tensor("model.layers.0.self_attn.rotary_emb.inv_freq")(source)
+    assert quantize(source, "--out", tmp_path / "q", "--json").returncode == 0
+    with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
+        written = set(f.keys())
+    assert "lm_head.weight" not in written
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in written  # load would refuse it
+
+
+@pytest.mark.parametrize("command", ["inspect", "load"])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_bits", 4.0), ("num_bits", True), ("group_size", []), ("group_size", "32")],
+)
+def test_a_quantization_setting_that_is_no_integer_is_refused(
+    checkpoint, monkeypatch, capsys, command, field, value
+):
+    """8.0 == 8 and True == 1 in Python: only a real integer is a bit width or group size."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"][field] = value
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    before = fingerprint(checkpoint)
+    result = run_main(monkeypatch, capsys, command, checkpoint)
+    assert_one_line_error(result, 4, f"'{field}' must be an integer, not {value!r}")
+    assert fingerprint(checkpoint) == before
 
 
 def test_an_fp8_source_is_read_and_widened_to_bf16(source, tmp_path, quantize):
@@ -437,3 +562,95 @@ def test_too_little_space_for_the_conversion_is_refused_first(
     result = quantize(pickle_source, "--out", tmp_path / "q", "--allow-pickle")
     assert_one_line_error(result, 5, "needs about")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --- input problems that are the user's or the checkpoint's, never a bug (exit 1) -------
+
+
+@pytest.fixture
+def checkpoint(saved_models, tmp_path):
+    """A private int4 checkpoint of the tiny Llama, free to be broken."""
+    return quantized_checkpoint(saved_models, tmp_path / "int4")
+
+
+NOT_TOKENIZERS = {
+    "JSON object of something else": b'{"hello": 1}',
+    "JSON list": b"[]",
+    "model of the wrong type": b'{"version": "1.0", "model": 7}',
+    "binary": b"\xff\xfe\x00junk",
+}
+READERS = {  # the commands that read the tokenizer, with what they need to run
+    "generate": ["generate", "{}", "hi", "--max-new-tokens", "2"],
+    "eval": ["eval", "{}", "--no-baseline", "--no-save", "--max-tokens", "16"],
+}
+
+
+@pytest.mark.parametrize("command", READERS)
+@pytest.mark.parametrize("content", NOT_TOKENIZERS)
+def test_a_tokenizer_json_that_is_no_tokenizer_is_named(
+    checkpoint, monkeypatch, capsys, command, content
+):
+    (checkpoint / "tokenizer.json").write_bytes(NOT_TOKENIZERS[content])
+    before = fingerprint(checkpoint)
+    args = [str(checkpoint) if arg == "{}" else arg for arg in READERS[command]]
+    assert_one_line_error(run_main(monkeypatch, capsys, *args), 4, "tokenizer.json in")
+    assert fingerprint(checkpoint) == before
+
+
+def test_quantize_copies_a_broken_tokenizer_and_warns(source, tmp_path, quantize):
+    """Copied, not refused: quantize is about the weights, and a tokenizer this `tokenizers`
+    cannot parse may suit a newer one; the warning comes now, not at the first generate."""
+    (source / "tokenizer.json").write_bytes(NOT_TOKENIZERS["JSON object of something else"])
+    result = quantize(source, "--out", tmp_path / "q")
+    assert result.returncode == 0, result.stderr
+    assert "Warning: tokenizer.json in" in result.stderr and "copied it as it is" in result.stderr
+    assert (tmp_path / "q" / "tokenizer.json").read_bytes() == (
+        source / "tokenizer.json"
+    ).read_bytes()
+
+
+CHAT_TEMPLATES = {  # template: (exit code, fragment)
+    "{% for m in messages %}{{ m.content ": (4, "chat template is broken (TemplateSyntaxError"),
+    "{{ messages[5].content }}": (4, "chat template is broken (UndefinedError"),
+    "{{ messages[0].content.x.y }}": (4, "chat template is broken (UndefinedError"),
+    "{{ '' }}": (4, "turns the prompt into nothing"),
+    "{{ raise_exception('no system role') }}": (2, "refuses this prompt (no system role)"),
+}
+
+
+@pytest.mark.parametrize("template", CHAT_TEMPLATES)
+def test_a_bad_chat_template_is_one_line(checkpoint, monkeypatch, capsys, template):
+    (checkpoint / "chat_template.jinja").write_text(template)
+    code, fragment = CHAT_TEMPLATES[template]
+    result = run_main(monkeypatch, capsys, "generate", checkpoint, "hi", "--max-new-tokens", "2")
+    assert_one_line_error(result, code, fragment)
+    assert "--no-chat" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "byte"), [(b"\xff\xfe\x80", "0xff"), (b"caf\xe9", "0xe9"), (b"hi \x80", "0x80")]
+)
+def test_binary_stdin_is_a_usage_error(checkpoint, monkeypatch, capsys, data, byte):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    result = run_main(monkeypatch, capsys, "generate", checkpoint, "-", "--no-chat")
+    assert_one_line_error(result, 2, f"the prompt on stdin is not UTF-8 text (byte {byte}")
+
+
+@pytest.mark.parametrize("command", ["load", "generate", "eval"])
+@pytest.mark.parametrize(
+    ("device", "problem"),
+    [
+        ("cuda", "needs a GPU, but this torch has no CUDA or sees no GPU"),
+        ("cuda:7", "needs a GPU, but this torch has no CUDA or sees no GPU"),
+        ("foo", "is not a device name"),
+        ("", "is not a device name"),
+        ("meta", "is not available here"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_first(
+    checkpoint, monkeypatch, capsys, command, device, problem
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch
+    args = {"load": [], "generate": ["hi"], "eval": ["--no-baseline"]}[command]
+    result = run_main(monkeypatch, capsys, command, checkpoint, *args, "--device", device)
+    assert_one_line_error(result, 2, f"--device {device} {problem}: use one of cpu.")

@@ -18,6 +18,7 @@ from quantcli.cli.options import (
     ThreadsOption,
     TokenOption,
     TrustRemoteCodeOption,
+    check_device,
     check_range,
     run_dtype,
 )
@@ -125,6 +126,7 @@ def evaluate_command(
     shows it and `push` puts it on the model card. With several models, `--json` prints
     one JSON object per line.
     """
+    check_device(device)
     check_range("--max-tokens", max_tokens, 2)
     check_range("--window", window, 2)
     check_range("--stride", stride, 1)

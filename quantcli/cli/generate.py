@@ -18,6 +18,7 @@ from quantcli.cli.options import (
     TokenOption,
     TrustRemoteCodeOption,
     VerboseOption,
+    check_device,
     check_range,
     dtype_name,
     run_dtype,
@@ -92,6 +93,7 @@ def generate(
 ) -> None:
     """Generate text with a quantized model (or its float original, to compare), streaming
     tokens as they come."""
+    check_device(device)
     check_range("--max-new-tokens", max_new_tokens, 1)
     check_range("--top-p", top_p, 0.0, 1.0)
     check_range("--top-k", top_k, 0)
@@ -99,7 +101,7 @@ def generate(
     if do_sample and temperature <= 0:
         raise UsageError(f"--temperature {temperature}: sampling needs a temperature above 0.")
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
     threads = use_threads(threads)
     source = resolve_model(model, revision, token)
     loaded = load_any(source, device, run_dtype(dtype), trust_remote_code)
@@ -182,3 +184,16 @@ def _ignored_options(ctx: typer.Context, do_sample: bool, chat: bool) -> list[st
     if "system" in given and not chat:
         warnings.append("--system only applies to a chat prompt: it is ignored with --no-chat.")
     return warnings
+
+
+def _read_stdin() -> str:
+    """The prompt piped in, as strict UTF-8: binary data is refused by name rather than
+    passed on as undecodable characters that the tokenizer chokes on."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"the prompt on stdin is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}): pipe text, or convert it (iconv -t UTF-8)."
+        ) from None

@@ -18,6 +18,7 @@ from quantcli.cli.options import (
     TokenOption,
     TrustRemoteCodeOption,
     VerboseOption,
+    check_device,
     check_range,
     dtype_name,
     run_dtype,
@@ -54,6 +55,7 @@ def load(
 ) -> None:
     """Load a quantized checkpoint without a float copy and run one forward pass."""
     check_range("--threads", threads, 1)
+    check_device(device)
     return_big_frees_to_the_os()
     threads = use_threads(threads)
     source = resolve_model(model, revision, token)

@@ -87,3 +87,30 @@ def check_range(option: str, value: float | None, low: float, high: float | None
         return
     accepted = f"{low} or more" if high is None else f"{low} to {high}"
     raise UsageError(f"{option} {value}: it takes {accepted}.")
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can run on here: cpu, each visible GPU, Apple's mps."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: str) -> None:
+    """Refuse, before any loading, a --device this machine cannot run on: a misspelt name,
+    a GPU on a CPU-only torch or one that is not there (torch itself would fail late, with
+    an AssertionError or a list of every device type it knows)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    available = available_devices()
+    if parsed is not None and (parsed.type == "cpu" or str(parsed) in available):
+        return
+    problem = "is not a device name" if parsed is None else "is not available here"
+    if parsed is not None and parsed.type == "cuda" and "cuda" not in available:
+        problem = "needs a GPU, but this torch has no CUDA or sees no GPU"
+    raise UsageError(f"--device {device} {problem}: use one of {', '.join(available)}.")

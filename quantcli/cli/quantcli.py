@@ -163,5 +163,14 @@ def main() -> None:
 def _fail(error: BaseException, message: str, code: int) -> None:
     if _state["debug"]:
         raise error
-    stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
+    stderr.print(f"[bold red]Error:[/] {escape(_printable(message))}", soft_wrap=True)
     sys.exit(code)
+
+
+def _printable(message: str) -> str:
+    """`message` on one line: names from files (a tensor called '\\x85', an ANSI escape)
+    are shown escaped, so they can neither break the one-line rule nor drive the terminal."""
+    return "".join(
+        " " if char in "\n\r\t" else char if char.isprintable() else ascii(char)[1:-1]
+        for char in message
+    )

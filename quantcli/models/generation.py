@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from quantcli.errors import CheckpointError, UsageError, first_line
+from quantcli.models.source import check_tokenizer_file
 
 
 @dataclass
@@ -72,12 +73,44 @@ def uses_chat(tokenizer, chat: bool | None) -> bool:
 
 
 def load_tokenizer(folder):
+    """The model's tokenizer; a tokenizer.json that is no tokenizer is refused by name.
+
+    transformers trusts the file's structure (JSON without 'added_tokens' is a KeyError
+    deep inside it), so the file is first parsed by the `tokenizers` library, strictly.
+    """
     from transformers import AutoTokenizer
 
+    check_tokenizer_file(folder)
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{folder} has no usable tokenizer ({first_line(error)}).") from None
+    except Exception as error:  # noqa: BLE001 - reading local files runs none of ours
+        raise CheckpointError(
+            f"{folder} has no usable tokenizer ({type(error).__name__}: {first_line(error)}): "
+            "check its tokenizer files."
+        ) from None
+
+
+def _apply_chat_template(tokenizer, messages: list[dict]) -> dict:
+    """The chat prompt's tensors. A template that refuses the conversation on purpose
+    (``raise_exception``: say, no system role) is a usage error; one that is broken
+    (syntax, a missing variable) is the checkpoint's."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    except TemplateError as error:
+        if type(error) is TemplateError:  # what the template's raise_exception raises
+            raise UsageError(
+                f"the model's chat template refuses this prompt ({first_line(error)}): "
+                "change it (drop --system?) or use --no-chat."
+            ) from None
+        raise CheckpointError(
+            f"the model's chat template is broken ({type(error).__name__}: "
+            f"{first_line(error)}): fix chat_template.jinja or tokenizer_config.json, or use "
+            "--no-chat."
+        ) from None
 
 
 def generate_text(
@@ -116,14 +149,19 @@ def generate_text(
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        inputs = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        inputs = _apply_chat_template(tokenizer, messages)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
     device = next(iter(model.buffers())).device
     inputs = {key: value.to(device) for key, value in inputs.items()}
     prompt_tokens = inputs["input_ids"].shape[1]
+    if not prompt_tokens:
+        if use_chat:
+            raise CheckpointError(
+                "the model's chat template turns the prompt into nothing: fix the template "
+                "(chat_template.jinja or tokenizer_config.json), or use --no-chat."
+            )
+        raise UsageError("the prompt gives no tokens with this tokenizer: pass some text.")
     context = context_length(model)
     if context is not None:
         if prompt_tokens >= context:

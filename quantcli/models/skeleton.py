@@ -37,8 +37,12 @@ def load_hf_config(folder: Path, trust_remote_code: bool = False) -> PretrainedC
                 "this model needs its own code from the Hub: pass --trust-remote-code to allow it"
             )
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {message}") from None
-    except (OSError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"cannot read {folder / 'config.json'}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - reading a JSON file runs none of ours
+        # transformers trusts the file's types (a "dtype" of [] is an IndexError deep in it)
+        raise CheckpointError(
+            f"cannot read {folder / 'config.json'} ({type(error).__name__}: "
+            f"{first_line(error)}): check its fields."
+        ) from None
     architectures = getattr(config, "architectures", None)
     if architectures is not None and not (
         isinstance(architectures, list) and all(isinstance(name, str) for name in architectures)
@@ -58,6 +62,7 @@ def build_skeleton(
 ) -> nn.Module:
     """The model class named by the config, with every parameter on ``meta``."""
     model_class = _model_class(config, trust_remote_code)
+    _check_layer_count(config)
     dtype = dtype or _config_dtype(config)
     try:
         with _parameters_on_meta():
@@ -66,12 +71,37 @@ def build_skeleton(
                     config, dtype=dtype, trust_remote_code=trust_remote_code
                 )
             return model_class._from_config(config, dtype=dtype)
-    except (AttributeError, TypeError, ValueError, RuntimeError, KeyError, IndexError) as error:
+    except MemoryError:
+        raise  # exit 5, as everywhere
+    except Exception as error:  # noqa: BLE001 - e.g. an AssertionError on pad_token_id
         # building from a config runs no data: whatever fails here is the config's doing
         raise CheckpointError(
             f"config.json does not describe a buildable {model_class.__name__} "
             f"({type(error).__name__}: {first_line(error)}): check its sizes and fields."
         ) from None
+
+
+#: More layers than any published model has (405B Llama: 126): a config asking for more is
+#: corrupt or hostile, and building its skeleton would take minutes before any check ran.
+MAX_LAYERS = 1024
+_LAYER_FIELDS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+)
+
+
+def _check_layer_count(config: PretrainedConfig) -> None:
+    for field in _LAYER_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > MAX_LAYERS:
+            raise CheckpointError(
+                f"config.json: '{field}' is {value}, more layers than any model has "
+                f"(quantcli takes up to {MAX_LAYERS}): the config is corrupt."
+            )
 
 
 def _model_class(config: PretrainedConfig, trust_remote_code: bool):

@@ -132,6 +132,22 @@ def _known_files(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
     return found
 
 
+def check_tokenizer_file(folder: Path) -> None:
+    """Refuse a tokenizer.json that the `tokenizers` library cannot parse, by name."""
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as error:  # noqa: BLE001 - its parser's refusals have no common type
+        raise CheckpointError(
+            f"{path.name} in {folder} is not a tokenizer ({first_line(error)}): copy the "
+            "original model's tokenizer files into the folder."
+        ) from None
+
+
 def card_license(folder: Path) -> str | None:
     """The `license` of a model card's YAML front matter, when the folder has a card."""
     card = folder / CARD_NAME

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import math
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -48,7 +49,13 @@ from quantcli.errors import (
 from quantcli.files import model_root, umask_mode
 from quantcli.models.replace import linear_weight, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
-from quantcli.models.source import ModelSource, card_license, safetensors_copy, side_files
+from quantcli.models.source import (
+    ModelSource,
+    card_license,
+    check_tokenizer_file,
+    safetensors_copy,
+    side_files,
+)
 from quantcli.nn.qlinear import QuantLinear, compressed_state, quantize_weight
 from quantcli.runtimes import vllm_warning
 from quantcli.units import format_bytes
@@ -223,7 +230,7 @@ def quantize_checkpoint(
 
     quantized_items = [item for item in plan.items if item.quantized_params]
     return QuantizeSummary(
-        warnings=_warnings(config, conv1d),
+        warnings=_warnings(config, conv1d) + _side_file_warnings(source.folder),
         output=out,
         quantized=report.replaced,
         skipped=report.skipped,
@@ -259,6 +266,7 @@ def _plan(
     model_keys = set(expected)
     prefix = getattr(skeleton, "base_model_prefix", "")
     rename = {key: model_key(key, model_keys, prefix) for key in tensors}
+    tensors = _check_tensor_names(skeleton, tensors, rename, expected)
     by_model_key = {rename[key]: info for key, info in tensors.items()}
     for name, info in by_model_key.items():
         if name in expected and tuple(expected[name].shape) != info.shape:
@@ -308,6 +316,49 @@ def _plan(
     return plan
 
 
+def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, TensorInfo]:
+    """`tensors` less those transformers drops on load (legacy buffers such as GPT-2's
+    ``attn.bias``); refuses a tensor the config does not describe, which would be copied
+    into a checkpoint no loader accepts, and a missing one the model needs (a norm weight:
+    the model would run with garbage), except a tied head, which is the embeddings."""
+    from quantcli.models.loading import _tied_keys
+
+    ignored = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_unexpected")
+    if any(name.endswith("rotary_emb.inv_freq") for name, _ in skeleton.named_buffers()):
+        ignored.append(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name, _ in skeleton.named_buffers()):
+        ignored.append(r"(^|\.)position_ids$")
+    unexpected = sorted(key for key in tensors if rename[key] not in expected)
+    dropped = {key for key in unexpected if any(re.search(p, key) for p in ignored)}
+    unexpected = [key for key in unexpected if key not in dropped]
+    if unexpected:
+        raise CheckpointError(
+            f"the checkpoint holds tensor '{unexpected[0]}'{_more(unexpected)}, which "
+            "config.json does not describe: the weights and the config disagree."
+        )
+    optional = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_missing")
+    present = {rename[key] for key in tensors}
+    missing = sorted(
+        name
+        for name in set(expected) - present - _tied_keys(skeleton, expected)
+        if not any(re.search(p, name) for p in optional)
+    )
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks tensor '{missing[0]}'{_more(missing)}, which the model "
+            "needs: the files are incomplete or do not match config.json."
+        )
+    return {key: info for key, info in tensors.items() if key not in dropped}
+
+
+def _ignore_patterns(skeleton, attribute: str) -> list[str]:
+    return list(getattr(skeleton, attribute, None) or [])
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
 def _stored_float(dtype: torch.dtype) -> torch.dtype:
     """The dtype a source tensor is written in by default: its own, except 8-bit floats
     (FP8 sources), widened to bf16, which every reader and kernel takes."""
@@ -325,6 +376,18 @@ def _warnings(config: QuantConfig, conv1d: bool) -> list[str]:
     elif (warning := vllm_warning(config)) is not None:
         warnings.append(warning)
     return warnings
+
+
+def _side_file_warnings(folder: Path) -> list[str]:
+    """Side files are copied as they are, broken or not: quantize is about the weights, a
+    tokenizer this `tokenizers` cannot parse may suit a newer one (or vLLM), and the
+    quantized weights stay usable with a tokenizer put back later. But the user hears now
+    rather than at the first `generate`."""
+    try:
+        check_tokenizer_file(folder)
+    except CheckpointError as error:
+        return [f"{error} quantize copied it as it is: generate and eval refuse it until then."]
+    return []
 
 
 def _group_misfit_message(skeleton, report, config: QuantConfig) -> str:
