@@ -540,6 +540,17 @@ def _layer_summary(
 ) -> LayerSummary | None:
     nbytes = sum(info.nbytes for info in parts.values())
     if "weight_scale" in parts and config is not None:
+        integers = parts.get("weight_packed") or parts.get("weight")
+        grouped = config.granularity is Granularity.GROUP
+        if (
+            integers is None
+            or len(integers.shape) != 2
+            or (grouped and len(parts["weight_scale"].shape) != 2)
+        ):
+            raise CheckpointError(
+                f"{module}.weight_scale has no 2-D weight_packed or weight beside it, or the "
+                "wrong shape: the checkpoint is incomplete or corrupt."
+            )
         if "weight_packed" in parts:
             out_features = parts["weight_packed"].shape[0]
             in_features = _packed_in_features(parts, config)

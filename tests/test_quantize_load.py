@@ -293,6 +293,13 @@ def test_tampered_checkpoints_are_refused_by_name(int8_checkpoint, change, messa
         load_folder(int8_checkpoint)
 
 
+def test_a_scale_without_its_integers_is_refused_by_inspect(int8_checkpoint):
+    """Found by the CLI fuzz test: inspect read `weight` beside a lone scale (KeyError)."""
+    rewrite(int8_checkpoint, lambda t, m: t.update({"model.extra.weight_scale": torch.ones(2)}))
+    with pytest.raises(CheckpointError, match=r"model\.extra\.weight_scale has no 2-D weight"):
+        summarize_folder(int8_checkpoint)
+
+
 def test_zero_point_outside_the_bit_width_is_refused(saved_models, tmp_path):
     """A 4-bit per-tensor zero point is stored as plain int8: 100 fits the dtype, not 4 bits."""
     out = tmp_path / "q"
