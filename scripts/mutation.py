@@ -42,9 +42,15 @@ FAST_TESTS = [
     "tests/test_format.py",
     "tests/test_fuzz.py",
 ]
-#: Tests that run quantcli in a subprocess, where the mutants' trampolines cannot import
-#: mutmut (it is kept off the venv): left out of the mutation runs.
-SUBPROCESS_TESTS = ["tests/test_fuzz.py::test_inspect_on_random_bytes_is_one_line"]
+#: Tests left out of the mutation runs: those that run quantcli in a subprocess, where the
+#: mutants' trampolines cannot import mutmut (it is kept off the venv), and the CLI fuzz
+#: tests, which build and quantize models for every example (tens of seconds: every mutant
+#: they reach times out).
+SUBPROCESS_TESTS = [
+    "tests/test_fuzz.py::test_inspect_on_random_bytes_is_one_line",
+    "tests/test_fuzz.py::test_quantize_on_a_broken_source_fails_cleanly",
+    "tests/test_fuzz.py::test_inspect_and_load_on_a_broken_checkpoint_fail_cleanly",
+]
 KILLED = {1, 3}
 #: Why each surviving mutant may survive (equivalent or harmless), by mutmut's name.
 REASONS = ROOT / "scripts" / "mutation_survivors.json"
