@@ -12,8 +12,8 @@ helpers here state once so every test applies them the same way:
 - Scale dtype: compressed-tensors rounds a scale to its storage dtype to nearest;
   quantcli rounds *up*, so ``|w / s| <= q_max`` holds with the stored scale and no value is
   clamped. The stored scale is therefore at most one step (ulp) of its dtype above the
-  reference, never below it. (All-zero groups: compressed-tensors uses the dtype's
-  epsilon, quantcli the smallest positive value; both dequantize to exact zeros.)
+  reference, never below it. (All-zero groups: both use the dtype's epsilon and
+  dequantize to exact zeros.)
 """
 
 from __future__ import annotations

@@ -334,3 +334,19 @@ def test_odd_widths_per_tensor_and_group_size_one_hand_computed():
     qt = quantize(weight, 4, "asym", "group", 1)
     assert qt.scale.shape == (3, 5) and qt.group_size == 1
     assert torch.allclose(qt.dequantize(torch.float32), weight, rtol=2**-22, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_an_all_zero_group_gets_compressed_tensors_scale_which_survives_a_cast(scheme, dtype):
+    """A padding embedding row is all zeros: its scale is compressed-tensors' (the dtype's
+    epsilon, not a float32 subnormal that a cast to bf16 at load turns into a refused 0)."""
+    weight = torch.randn(2, 8)
+    weight[1] = 0
+    theirs, _ = reference_qparams(weight.to(dtype), 4, scheme, "channel")
+    qt = quantize(weight.to(dtype), 4, scheme, "channel", None, dtype)
+    assert theirs[1].item() == torch.finfo(torch.float32).eps  # theirs, computed in float32
+    assert qt.scale[1].item() == torch.finfo(dtype).eps
+    for runtime_dtype in (torch.bfloat16, torch.float16):
+        assert qt.scale.to(runtime_dtype)[1].item() > 0
+    assert torch.equal(qt.dequantize(torch.float32)[1], torch.zeros(8))

@@ -66,7 +66,13 @@ def quantize(
         ),
     ] = None,
     quantize_head: Annotated[
-        bool, typer.Option("--quantize-head", help="Quantize the output head too.")
+        bool,
+        typer.Option(
+            "--quantize-head",
+            help="Quantize the output head too. A head tied to the input embeddings "
+            "(SmolLM2, Llama 3.2) is untied: the embeddings stay float and the head is "
+            "stored quantized beside them (tie_word_embeddings: false).",
+        ),
     ] = False,
     optimize: Annotated[
         bool,

@@ -8,6 +8,7 @@ large the model. Output goes to a temporary folder beside the target, renamed wh
 
 from __future__ import annotations
 
+import copy
 import errno
 import glob
 import hashlib
@@ -190,7 +191,8 @@ def quantize_checkpoint(
             f"{source.model_id} has no linear layer to quantize with these settings "
             f"({len(report.skipped)} kept in float)."
         )
-    plan = _plan(skeleton, tensors, report.replaced, config)
+    untie = heads_to_untie(skeleton, report.replaced, hf_config, trust_remote_code)
+    plan = _plan(skeleton, tensors, report.replaced, config, untie)
     conv1d = any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +217,8 @@ def quantize_checkpoint(
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
         hf_config.quantization_config = quantization_config(config, list(report.skipped))
+        if untie:
+            untie_word_embeddings(hf_config)
         if config.dtype is not None:
             hf_config.dtype = config.dtype
         hf_config.save_pretrained(staging)
@@ -260,8 +264,10 @@ def _plan(
     tensors: dict[str, TensorInfo],
     replaced: list[str],
     config: QuantConfig,
+    untie: dict[str, str],
 ) -> _Plan:
-    """Map every source tensor to the output tensors it becomes."""
+    """Map every source tensor to the output tensors it becomes; `untie` maps tied keys
+    (target: source) that the output stores apart, the head quantized, the rest copied."""
     expected = skeleton.state_dict()
     model_keys = set(expected)
     prefix = getattr(skeleton, "base_model_prefix", "")
@@ -278,7 +284,7 @@ def _plan(
     scale_dtypes = {}
     plan = _Plan()
     for name in replaced:
-        info = by_model_key.get(f"{name}.weight")
+        info = by_model_key.get(f"{name}.weight") or by_model_key.get(untie.get(f"{name}.weight"))
         if info is None:
             raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
         module = skeleton.get_submodule(name)
@@ -298,8 +304,13 @@ def _plan(
                 quantized_params=out_features * in_features,
             )
         )
-    for key, info in sorted(tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)):
-        name_in_model = rename[key]
+    copies = [(target, by_model_key[source]) for target, source in untie.items()]
+    copies = [(target, info) for target, info in copies if target not in by_model_key]
+    originals = [(rename[key], info) for key, info in tensors.items()]
+    for name_in_model, info in [
+        *sorted(originals, key=lambda pair: (str(pair[1].file), pair[1].offset)),
+        *copies,
+    ]:
         module, _, leaf = name_in_model.rpartition(".")
         if module in quantized and leaf == "weight":
             continue
@@ -314,6 +325,38 @@ def _plan(
             )
         )
     return plan
+
+
+def heads_to_untie(skeleton, replaced, hf_config, trust_remote_code) -> dict[str, str]:
+    """The tied keys (target: source) to store apart because a quantized head is tied to
+    the float embeddings (`--quantize-head` on SmolLM2, Llama 3.2, Qwen2.5...): the output
+    config unties them (``tie_word_embeddings: false``), so every loader builds a head of
+    its own, which the checkpoint holds quantized. Empty when no quantized head is tied."""
+    tied = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
+    if not any(f"{name}.weight" in tied for name in replaced):
+        return {}
+    untied_config = copy.deepcopy(hf_config)
+    untie_word_embeddings(untied_config)
+    # as loaders will read it: some configs override the field (T5 always ties)
+    reread = type(untied_config).from_dict(untied_config.to_dict())
+    still_tied = build_skeleton(reread, trust_remote_code=trust_remote_code)
+    still_tied = getattr(still_tied, "all_tied_weights_keys", None) or {}
+    heads = [f"{name}.weight" for name in replaced if f"{name}.weight" in still_tied]
+    if heads:
+        raise UsageError(
+            f"cannot quantize the head of this {type(skeleton).__name__}: its config ties "
+            f"{heads[0]} to the embeddings whatever tie_word_embeddings says; leave out "
+            "--quantize-head."
+        )
+    return {target: source for target, source in tied.items() if target not in still_tied}
+
+
+def untie_word_embeddings(hf_config) -> None:
+    """Turn off head/embedding tying in a config and in its text config (composite models
+    keep it there)."""
+    for config in {id(c): c for c in (hf_config, hf_config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, TensorInfo]:

@@ -233,19 +233,18 @@ def groups_per_row(in_features: int, group_size: int | None) -> int:
 
 
 def _round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`scale` in `dtype`, rounded up (never down) and at least the dtype's smallest step.
+    """`scale` in `dtype`, rounded up (never down), an all-zero group's 0 made the dtype's eps.
 
-    Rounding up keeps every ``w / s`` inside the integer range; the floor turns an
-    all-zero group's scale of 0 into a tiny one, so nothing divides by zero and the
-    group dequantizes to exact zeros.
+    Rounding up keeps every ``w / s`` inside the integer range. An all-zero group (a padding
+    embedding row, a pruned channel) gets compressed-tensors' scale, ``finfo(dtype).eps``:
+    nothing divides by zero, the group dequantizes to exact zeros, and the scale survives a
+    cast to bf16 or fp16 at load (a subnormal would become 0 there, which loaders refuse).
     """
-    zero = torch.zeros((), dtype=dtype)
-    smallest = torch.nextafter(zero, torch.ones((), dtype=dtype))
     stored = scale.to(dtype)
     too_small = stored.float() < scale
     next_up = torch.nextafter(stored, torch.full_like(stored, torch.inf))
     stored = torch.where(too_small, next_up, stored)
-    stored = torch.maximum(stored, smallest)
+    stored = torch.where(stored == 0, torch.finfo(dtype).eps, stored)
     if not torch.isfinite(stored).all():
         raise InvalidTensorError(
             f"the scales overflow {dtype}: the weights are too large for it; "
