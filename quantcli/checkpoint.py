@@ -298,6 +298,8 @@ def quantization_config(config: QuantConfig, ignore: list[str]) -> dict:
     without activation settings.
     """
     fmt = "pack-quantized"
+    # vLLM and compressed-tensors match a class name: nn.Embedding, VocabParallelEmbedding
+    targets = ["Linear", "Embedding"] if config.quantize_embeddings else ["Linear"]
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,
@@ -305,7 +307,7 @@ def quantization_config(config: QuantConfig, ignore: list[str]) -> dict:
         "ignore": sorted(ignore),
         "config_groups": {
             "group_0": {
-                "targets": ["Linear"],
+                "targets": targets,
                 "format": fmt,
                 "weights": {
                     "num_bits": config.bits,
@@ -380,6 +382,7 @@ def parse_quantization_config(raw: object) -> tuple[QuantConfig, str]:
             group_size=weights.get("group_size") if weights.get("strategy") == "group" else None,
             exclude=tuple(exclude),
             quantize_head=True,  # the head, when kept in float, is in `ignore`
+            quantize_embeddings="Embedding" in targets,
         )
     except ValueError as error:
         raise CheckpointError(f"unsupported quantization config: {error}") from None
@@ -424,6 +427,7 @@ def header_metadata(config: QuantConfig, source: str, revision: str | None) -> d
                 "group_size": config.group_size,
                 "exclude": list(config.exclude),
                 "quantize_head": config.quantize_head,
+                "quantize_embeddings": config.quantize_embeddings,
                 "dtype": str(config.dtype).removeprefix("torch.") if config.dtype else None,
                 "optimize": config.optimize,
             }

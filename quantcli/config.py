@@ -42,8 +42,10 @@ class QuantConfig:
     asymmetric per group of 32 inputs. `dtype` is the dtype of scales (None: the weight's
     own dtype). `exclude` holds glob patterns on module names kept in float (or regexes
     after ``re:``, compressed-tensors' convention); the output head is kept too unless
-    `quantize_head` is set. `optimize` searches each group's clipping range for the least
-    reconstruction error instead of rounding its full range.
+    `quantize_head` is set. `quantize_embeddings` quantizes the input embedding table too
+    (and a head tied to it computes from that quantized table). `optimize` searches each
+    group's clipping range for the least reconstruction error instead of rounding its full
+    range.
     """
 
     bits: int = 8
@@ -52,6 +54,7 @@ class QuantConfig:
     group_size: int | None = None
     exclude: tuple[str, ...] = field(default_factory=tuple)
     quantize_head: bool = False
+    quantize_embeddings: bool = False
     dtype: torch.dtype | None = None
     optimize: bool = False
 

@@ -1,6 +1,7 @@
 """Does vLLM for CPU serve quantcli's checkpoints, token for token? (`make test-vllm`)
 
-For each scheme (int8; int4 sym g64; int4 asym g32) SmolLM2-135M-Instruct is quantized
+For each scheme (int8; int4 sym g64; int4 asym g32; int4 sym g64 with the tied head untied
+and quantized, or computed from the quantized embedding table) SmolLM2-135M-Instruct is quantized
 with the `quantcli` command, then:
 - quantcli's greedy tokens come from `quantcli.load` + `generate`, in bf16;
 - scripts/vllm_worker.py, in vLLM's own venv (.cache/vllm-venv), asks vLLM's
@@ -45,6 +46,25 @@ SCHEMES = {  # label: `quantcli quantize` options
     "int8": [],
     "int4 sym g64": ["--bits", "4", "--scheme", "sym", "--group-size", "64"],  # fits 576
     "int4 asym g32": ["--bits", "4"],
+    # the tied head: untied and quantized, or computed from the shared quantized table
+    "int4 sym g64, --quantize-head": [
+        "--bits",
+        "4",
+        "--scheme",
+        "sym",
+        "--group-size",
+        "64",
+        "--quantize-head",
+    ],
+    "int4 sym g64, --quantize-embeddings": [
+        "--bits",
+        "4",
+        "--scheme",
+        "sym",
+        "--group-size",
+        "64",
+        "--quantize-embeddings",
+    ],
 }
 CHAT = "What is the capital of France? Answer in one sentence."
 TEXT = "The three most important inventions of the nineteenth century were"

@@ -33,6 +33,7 @@ CONFIGS = [
     QuantConfig(bits=2, scheme="sym", group_size=16, dtype=torch.bfloat16),
     QuantConfig(bits=4, granularity="channel", exclude=("*.fc2", "lm_head"), optimize=True),
     QuantConfig(bits=8, scheme="asym", granularity="tensor", quantize_head=True),
+    QuantConfig(bits=4, scheme="sym", quantize_embeddings=True),
 ]
 
 
@@ -45,6 +46,7 @@ def expected_quantcli_config(config):
         "group_size": config.group_size,
         "exclude": list(config.exclude),
         "quantize_head": config.quantize_head,
+        "quantize_embeddings": config.quantize_embeddings,
         "dtype": {None: None, torch.bfloat16: "bfloat16"}[config.dtype],
         "optimize": config.optimize,
     }

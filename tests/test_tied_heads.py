@@ -143,3 +143,115 @@ def test_a_model_that_always_ties_its_head_is_refused_with_nothing_written(saved
     result = run_quantcli("quantize", str(saved_models("t5")), "--out", str(out), "--quantize-head")
     assert_one_line_error(result, 2, "its config ties lm_head.weight to the embeddings")
     assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def ct_dequantized(files: dict, name: str, bits: int, shape) -> torch.Tensor:
+    """A quantized table or weight from its files, by compressed-tensors' unpacking and
+    formula ``scale * (q - zero)``: no quantcli code."""
+    codes = unpack_from_int32(files[f"{name}.weight_packed"], bits, torch.Size(shape)).float()
+    scale = files[f"{name}.weight_scale"].float()
+    zero = files.get(f"{name}.weight_zero_point")
+    if zero is not None and zero.dtype == torch.int32:
+        zero = unpack_from_int32(zero, bits, torch.Size(scale.shape), packed_dim=0)
+    width = shape[1] // scale.shape[1] if scale.ndim == 2 else shape[1]
+    scale = scale.repeat_interleave(width, dim=1) if scale.ndim == 2 else scale
+    if zero is None:
+        return scale * codes
+    zero = zero.float().repeat_interleave(width, dim=1) if zero.ndim == 2 else zero.float()
+    return scale * (codes - zero)
+
+
+EMBEDDING_SCHEMES = {
+    "int8": QuantConfig(bits=8),
+    "int4-sym-g32": QuantConfig(bits=4, scheme="sym"),
+    "int4-asym-g32": QuantConfig(bits=4),
+    "int2-asym-channel": QuantConfig(bits=2, granularity="channel"),
+    "int4-asym-tensor": QuantConfig(bits=4, granularity="tensor"),
+}
+
+
+@pytest.mark.parametrize("scheme", EMBEDDING_SCHEMES)
+def test_a_shared_quantized_table_serves_lookup_and_head(scheme, tied_llama, tmp_path):
+    """--quantize-embeddings on a tied model: one quantized table on disk (no head
+    tensors), the config still tied; quantcli's logits are those of the float model whose
+    shared table is compressed-tensors' dequantization of the files."""
+    base = EMBEDDING_SCHEMES[scheme]
+    config = QuantConfig(**{**base.__dict__, "quantize_embeddings": True, "exclude": ("re:.*",)})
+    out = tmp_path / "q"
+    summary = quantize_checkpoint(resolve_model(str(tied_llama)), out, config)
+    assert summary.quantized == ["model.embed_tokens"]
+    written = json.loads((out / "config.json").read_text())
+    assert written["tie_word_embeddings"] is True
+    assert written["quantization_config"]["config_groups"]["group_0"]["targets"] == [
+        "Linear",
+        "Embedding",
+    ]
+    files = load_file(out / "model.safetensors")
+    assert not [key for key in files if key.startswith("lm_head")]
+    assert "model.embed_tokens.weight" not in files
+
+    table = load_file(tied_llama / "model.safetensors")["model.embed_tokens.weight"]
+    dequantized = ct_dequantized(files, "model.embed_tokens", base.bits, table.shape)
+    reference = AutoModelForCausalLM.from_pretrained(tied_llama).eval()
+    reference.model.embed_tokens.weight.data = dequantized  # the head too: tied
+    ours, _ = load_quantized(resolve_model(str(out)), dtype=torch.float32)
+    assert ours.lm_head.table is ours.model.embed_tokens
+    ids = sample_inputs("llama")["input_ids"]
+    with torch.no_grad():
+        expected, got = reference(ids).logits, ours(ids).logits
+        # the lookup alone: exactly the dequantized rows (same float32 arithmetic)
+        assert torch.equal(ours.model.embed_tokens(ids), dequantized[ids])
+    # rounding of the head matmul only (fp32, 64 terms): far below one quantization step
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(got, AutoModelForCausalLM.from_pretrained(tied_llama)(ids).logits)
+
+
+def test_on_an_untied_model_only_the_lookup_table_is_quantized(saved_models, tmp_path):
+    source = saved_models("llama")  # its head is a separate float matrix
+    out = tmp_path / "q"
+    config = QuantConfig(bits=4, scheme="sym", quantize_embeddings=True)
+    quantize_checkpoint(resolve_model(str(source)), out, config)
+    files = load_file(out / "model.safetensors")
+    original = load_file(source / "model.safetensors")
+    assert torch.equal(files["lm_head.weight"], original["lm_head.weight"])
+    assert "model.embed_tokens.weight_packed" in files
+    ours, _ = load_quantized(resolve_model(str(out)), dtype=torch.float32)
+    ids = sample_inputs("llama")["input_ids"]
+    table = ct_dequantized(
+        files, "model.embed_tokens", 4, original["model.embed_tokens.weight"].shape
+    )
+    assert torch.equal(ours.model.embed_tokens(ids), table[ids])
+    assert type(ours.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("t5", "encoder.embed_tokens reuses the table of shared"),
+        (
+            "bert",
+            "the head cls.predictions.decoder, tied to bert.embeddings.word_embeddings, has a bias",
+        ),
+    ],
+)
+def test_tables_one_quantized_copy_cannot_serve_are_refused(arch, message, saved_models, tmp_path):
+    out = tmp_path / "q"
+    result = run_quantcli(
+        "quantize", str(saved_models(arch)), "--out", str(out), "--quantize-embeddings"
+    )
+    assert_one_line_error(result, 2, message)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["shared-table", "untied"])
+def test_transformers_refuses_quantized_embeddings(tied, tied_llama, saved_models, tmp_path):
+    """Measured upstream limit (transformers 5.24, compressed-tensors 0.20): its loader
+    reads ``embed_tokens.weight`` (to tie the head, or to initialize the table), which a
+    quantized table does not have. The card and `inspect` say so; this test fails when
+    upstream starts loading it."""
+    out = tmp_path / "q"
+    config = QuantConfig(bits=4, scheme="sym", quantize_embeddings=True)
+    source = tied_llama if tied else saved_models("llama")
+    quantize_checkpoint(resolve_model(str(source)), out, config)
+    with pytest.raises(AttributeError, match="has no attribute .?weight"):
+        AutoModelForCausalLM.from_pretrained(out)

@@ -74,6 +74,16 @@ def quantize(
             "stored quantized beside them (tie_word_embeddings: false).",
         ),
     ] = False,
+    quantize_embeddings: Annotated[
+        bool,
+        typer.Option(
+            "--quantize-embeddings",
+            help="Quantize the input embedding table too (a lookup dequantizes only the "
+            "rows it reads). A head tied to it computes from the same quantized table: "
+            "one copy for both, as llama.cpp does. quantcli and vLLM load it; see "
+            "docs/accuracy.md for its cost in perplexity.",
+        ),
+    ] = False,
     optimize: Annotated[
         bool,
         typer.Option(
@@ -123,6 +133,7 @@ def quantize(
         group_size=group_size,
         exclude=tuple(exclude or ()),
         quantize_head=quantize_head,
+        quantize_embeddings=quantize_embeddings,
         dtype=DTYPES[dtype.value],
         optimize=optimize,
     )

@@ -99,11 +99,13 @@ def load_quantized(
                 tensor = tensor.to(dtype)
             state[leaf] = tensor.to(device)
         assign_state(model.get_submodule(module), module, state)
-    model.tie_weights()
+    if report.shared_head is None:  # a head on a quantized table was tied when replaced
+        model.tie_weights()
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_empty:
         raise CheckpointError(
-            f"the checkpoint does not hold {still_empty[0]} (and {len(still_empty) - 1} more)."
+            f"the checkpoint does not hold {still_empty[0]}"
+            + (f" (and {len(still_empty) - 1} more)." if len(still_empty) > 1 else ".")
         )
     model.to(device).eval()
     if dtype is not None:

@@ -17,7 +17,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from quantcli.config import Granularity, QuantConfig
-from quantcli.errors import InvalidTensorError
+from quantcli.errors import InvalidTensorError, UsageError
+from quantcli.nn.qembedding import QuantEmbedding, QuantTiedHead
 from quantcli.nn.qlinear import QuantLinear
 
 
@@ -29,25 +30,31 @@ class ReplacementReport:
     skipped: dict[str, str] = field(default_factory=dict)
     group_misfits: list[str] = field(default_factory=list)  # skipped: width % group_size
     unused_excludes: list[str] = field(default_factory=list)  # patterns matching no layer
+    embeddings: str | None = None  # the input embeddings, quantized (quantize_embeddings)
+    shared_head: str | None = None  # a head tied to them: computes from the quantized table
 
 
 def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport:
     """Which linear layers `config` quantizes, and why it keeps the others, without changes."""
     report = ReplacementReport()
     heads = output_head_names(model)
+    if config.quantize_embeddings:
+        report.embeddings, report.shared_head = _embeddings_to_quantize(model, heads)
     for name, module in model.named_modules():
         weight = linear_weight(module)
-        if weight is None:
+        if weight is None or name == report.shared_head:
             continue
         reason = _skip_reason(name, config, heads)
         in_features, group_size = weight.shape[1], config.group_size
-        if reason is None and config.granularity is Granularity.GROUP and in_features % group_size:
+        if reason is None and _misfit(in_features, config):
             reason = f"in_features={in_features} is not a multiple of group_size={group_size}"
             report.group_misfits.append(name)
         if reason:
             report.skipped[name] = reason
         else:
             report.replaced.append(name)
+    if report.embeddings and _misfit(model.get_submodule(report.embeddings).embedding_dim, config):
+        report.group_misfits.append(report.embeddings)
     linears = [*report.replaced, *report.skipped]
     report.unused_excludes = [
         pattern for pattern in config.exclude if not any(matches(name, pattern) for name in linears)
@@ -55,9 +62,60 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
     return report
 
 
+def _misfit(in_features: int, config: QuantConfig) -> bool:
+    return config.granularity is Granularity.GROUP and in_features % config.group_size != 0
+
+
+def _embeddings_to_quantize(model: nn.Module, heads: set[str]) -> tuple[str, str | None]:
+    """The input embeddings' name, and the head tied to them (None when untied).
+
+    Refuses what one quantized table cannot serve: embeddings that are not a plain
+    ``nn.Embedding`` (Gemma's scales its rows in `forward`), or a table tied to other
+    modules than the head (T5's encoder and decoder share theirs).
+    """
+    get_input = getattr(model, "get_input_embeddings", None)
+    embeddings = get_input() if callable(get_input) else None
+    if type(embeddings) is not nn.Embedding:
+        kind = type(embeddings).__name__ if embeddings is not None else "not found"
+        raise UsageError(
+            f"--quantize-embeddings: this model's input embeddings are {kind}, not a plain "
+            "nn.Embedding, which is what quantcli quantizes; leave the option out."
+        )
+    name = next(n for n, m in model.named_modules() if m is embeddings)
+    tied = [
+        target.removesuffix(".weight")
+        for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+        if source == f"{name}.weight"
+    ]
+    others = [
+        target
+        for target in tied
+        if target not in heads or linear_weight(model.get_submodule(target)) is None
+    ]
+    if others:
+        raise UsageError(
+            f"--quantize-embeddings: {others[0]} reuses the table of {name} and cannot take "
+            "a quantized one; leave the option out."
+        )
+    biased = [head for head in tied if getattr(model.get_submodule(head), "bias", None) is not None]
+    if biased:
+        raise UsageError(
+            f"--quantize-embeddings: the head {biased[0]}, tied to {name}, has a bias, which "
+            "quantcli's shared table does not carry; leave the option out."
+        )
+    return name, tied[0] if tied else None
+
+
 def replace_linear_layers(model: nn.Module, config: QuantConfig) -> ReplacementReport:
-    """Quantize every eligible linear layer of `model` in place and report what happened."""
+    """Quantize every eligible linear layer of `model` in place (and the embeddings, with
+    the head tied to them, when `config` says so) and report what happened."""
     report = plan_replacement(model, config)
+    if report.embeddings:
+        module = model.get_submodule(report.embeddings)
+        table = QuantEmbedding.from_weight(module.weight, None, config)
+        _set_submodule(model, report.embeddings, table)
+        if report.shared_head:
+            _set_submodule(model, report.shared_head, QuantTiedHead(table))
     for name in report.replaced:
         module = model.get_submodule(name)
         try:
@@ -75,6 +133,12 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
     if isinstance(module, Conv1D):
         return module.weight.t()
     return None
+
+
+def quantized_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``(out, in)`` weight quantcli quantizes: a linear's, or an embedding table's
+    ``(num_embeddings, embedding_dim)``, which a tied head uses as ``(out, in)``."""
+    return module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
 
 
 def output_head_names(model: nn.Module) -> set[str]:

@@ -48,7 +48,7 @@ from quantcli.errors import (
     UsageError,
 )
 from quantcli.files import model_root, umask_mode
-from quantcli.models.replace import linear_weight, plan_replacement
+from quantcli.models.replace import plan_replacement, quantized_weight
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import (
     ModelSource,
@@ -186,13 +186,14 @@ def quantize_checkpoint(
         )
     if report.group_misfits:
         raise UsageError(_group_misfit_message(skeleton, report, config))
-    if not report.replaced:
+    if not report.replaced and not report.embeddings:
         raise UsageError(
             f"{source.model_id} has no linear layer to quantize with these settings "
             f"({len(report.skipped)} kept in float)."
         )
     untie = heads_to_untie(skeleton, report.replaced, hf_config, trust_remote_code)
-    plan = _plan(skeleton, tensors, report.replaced, config, untie)
+    quantized = [*report.replaced, *([report.embeddings] if report.embeddings else [])]
+    plan = _plan(skeleton, tensors, quantized, config, untie)
     conv1d = any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +237,7 @@ def quantize_checkpoint(
     return QuantizeSummary(
         warnings=_warnings(config, conv1d) + _side_file_warnings(source.folder),
         output=out,
-        quantized=report.replaced,
+        quantized=quantized,
         skipped=report.skipped,
         source_bytes=int(metadata["source_bytes"]),
         output_bytes=output_bytes,
@@ -288,7 +289,7 @@ def _plan(
         if info is None:
             raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
         module = skeleton.get_submodule(name)
-        out_features, in_features = linear_weight(module).shape
+        out_features, in_features = quantized_weight(module).shape
         scale_dtypes[name] = config.dtype or _stored_float(info.dtype)
         layout = QuantLinear(in_features, out_features, False, config, scale_dtypes[name], "meta")
         plan.add(
@@ -438,7 +439,7 @@ def _group_misfit_message(skeleton, report, config: QuantConfig) -> str:
     divisors of the widths' greatest common divisor, from 8 up): no layer is left in float
     silently because its width does not split into whole groups."""
     widths = {
-        name: linear_weight(skeleton.get_submodule(name)).shape[1]
+        name: quantized_weight(skeleton.get_submodule(name)).shape[1]
         for name in [*report.replaced, *report.group_misfits]
     }
     common = math.gcd(*widths.values())
