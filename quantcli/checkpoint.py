@@ -290,16 +290,17 @@ def shard_name(index: int, count: int) -> str:
     return WEIGHTS_NAME if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def quantization_config(config: QuantConfig, ignore: list[str]) -> dict:
+def quantization_config(config: QuantConfig, ignore: list[str], heads: list[str] = ()) -> dict:
     """``config.json``'s ``quantization_config`` in the compressed-tensors form.
 
     Weight-only int of every width is ``pack-quantized``: ``int-quantized`` means W8A8 to
     compressed-tensors' own writer (``infer_module_format``) and to vLLM, which refuses it
-    without activation settings.
+    without activation settings. `heads` (quantized output heads) are targets by name:
+    vLLM's head is a ``ParallelLMHead``, which the class name ``Linear`` does not match.
     """
     fmt = "pack-quantized"
     # vLLM and compressed-tensors match a class name: nn.Embedding, VocabParallelEmbedding
-    targets = ["Linear", "Embedding"] if config.quantize_embeddings else ["Linear"]
+    targets = ["Linear", *(["Embedding"] if config.quantize_embeddings else []), *heads]
     return {
         "quant_method": "compressed-tensors",
         "format": fmt,

@@ -44,6 +44,12 @@ def _transformers(config: QuantConfig, conv1d: bool) -> Verdict:
     name = "transformers"
     if conv1d:
         return Verdict(name, False, "compressed-tensors quantizes nn.Linear only, not Conv1D")
+    if config.quantize_embeddings:
+        return Verdict(
+            name,
+            False,
+            "its loader reads embed_tokens.weight, which a quantized table lacks (tested)",
+        )
     if not config.symmetric:
         return Verdict(
             name,
@@ -58,6 +64,14 @@ def _vllm(config: QuantConfig, conv1d: bool, gpu: bool) -> Verdict:
     name = "vLLM (GPU)" if gpu else "vLLM (CPU)"
     if conv1d:
         return Verdict(name, False, "quantizes nn.Linear only, not Conv1D")
+    if config.quantize_embeddings:
+        return Verdict(
+            name,
+            False,
+            "a head tied to a quantized table is refused ('VocabParallelEmbedding' object has "
+            "no attribute 'weight': make test-vllm, in model code GPUs share); an untied "
+            "quantized table was not measured",
+        )
     if config.granularity is Granularity.TENSOR:
         return Verdict(name, False, "its WNA16 scheme needs channel or group scales")
     if config.bits == 2:

@@ -49,6 +49,17 @@ def test_vllm_verdicts(config, gpu, cpu):
     assert (runs["vLLM (GPU)"], runs["vLLM (CPU)"]) == (gpu, cpu)
 
 
+def test_quantized_embeddings_run_in_quantcli_only():
+    """test_tied_heads pins transformers' refusal; make test-vllm (docs/generated/vllm-cpu.md)
+    measured vLLM's on SmolLM2, whose head is tied to the table."""
+    assert verdicts(QuantConfig(bits=4, scheme="sym", quantize_embeddings=True)) == {
+        "quantcli": True,
+        "transformers": False,
+        "vLLM (GPU)": False,
+        "vLLM (CPU)": False,
+    }
+
+
 def test_conv1d_checkpoints_run_in_quantcli_only():
     assert verdicts(QuantConfig(bits=4), conv1d=True) == {
         "quantcli": True,

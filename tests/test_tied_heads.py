@@ -88,6 +88,11 @@ def test_a_tied_head_is_quantized_from_the_embeddings_and_the_output_unties_it(
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
     assert config["quantization_config"]["ignore"] == sorted(summary.skipped)
+    # by name: vLLM's head is a ParallelLMHead, which the class name "Linear" misses
+    assert config["quantization_config"]["config_groups"]["group_0"]["targets"] == [
+        "Linear",
+        head,
+    ]
     files, original = load_file(out / "model.safetensors"), load_file(source / "model.safetensors")
     table = original[f"{embeddings}.weight"]
     assert torch.equal(files[f"{embeddings}.weight"], table)  # the lookup stays exact

@@ -48,7 +48,7 @@ from quantcli.errors import (
     UsageError,
 )
 from quantcli.files import model_root, umask_mode
-from quantcli.models.replace import plan_replacement, quantized_weight
+from quantcli.models.replace import output_head_names, plan_replacement, quantized_weight
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import (
     ModelSource,
@@ -217,7 +217,8 @@ def quantize_checkpoint(
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
-        hf_config.quantization_config = quantization_config(config, list(report.skipped))
+        heads = sorted(set(report.replaced) & output_head_names(skeleton))
+        hf_config.quantization_config = quantization_config(config, list(report.skipped), heads)
         if untie:
             untie_word_embeddings(hf_config)
         if config.dtype is not None:
