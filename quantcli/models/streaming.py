@@ -38,7 +38,7 @@ from quantcli.checkpoint import (
     write_index,
     write_local_source,
 )
-from quantcli.config import QuantConfig
+from quantcli.config import Granularity, QuantConfig
 from quantcli.errors import (
     CheckpointError,
     InvalidTensorError,
@@ -47,7 +47,9 @@ from quantcli.errors import (
     UsageError,
 )
 from quantcli.files import model_root, umask_mode
-from quantcli.models.replace import linear_weight, plan_replacement
+from quantcli.models.keys import KeyLayout, Slot, UnknownLayoutError
+from quantcli.models.moe import ROUTER_REASON, experts_excluded, plan_experts
+from quantcli.models.replace import linear_weight, matches, plan_replacement
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import (
     ModelSource,
@@ -176,7 +178,19 @@ def quantize_checkpoint(
     files = weight_files(source.folder)
     tensors, _ = read_all_headers(files)
     skeleton = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
+    layout = KeyLayout(skeleton)
+    moe = plan_experts(skeleton)
     report = plan_replacement(skeleton, config)
+    for router in moe.routers:  # an nn.Linear router (shared_expert_gate) stays float too
+        if router in report.replaced:
+            report.replaced.remove(router)
+        report.skipped[router] = ROUTER_REASON
+    experts, excluded_experts = _plan_experts(skeleton, layout, moe, config, source.model_id)
+    report.unused_excludes = [
+        pattern
+        for pattern in report.unused_excludes
+        if not any(matches(name, pattern) for name in _all_expert_names(layout, moe))
+    ]
     if report.unused_excludes:
         raise UsageError(
             f"--exclude {report.unused_excludes[0]!r} matches no linear layer of "
@@ -185,12 +199,12 @@ def quantize_checkpoint(
         )
     if report.group_misfits:
         raise UsageError(_group_misfit_message(skeleton, report, config))
-    if not report.replaced:
+    if not report.replaced and not experts:
         raise UsageError(
             f"{source.model_id} has no linear layer to quantize with these settings "
             f"({len(report.skipped)} kept in float)."
         )
-    plan = _plan(skeleton, tensors, report.replaced, config)
+    plan = _plan(skeleton, layout, tensors, report.replaced, experts, config)
     conv1d = any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +228,8 @@ def quantize_checkpoint(
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
-        hf_config.quantization_config = quantization_config(config, list(report.skipped))
+        ignore = {layout.saved_module(name) for name in report.skipped} | set(excluded_experts)
+        hf_config.quantization_config = quantization_config(config, sorted(ignore))
         if config.dtype is not None:
             hf_config.dtype = config.dtype
         hf_config.save_pretrained(staging)
@@ -232,8 +247,8 @@ def quantize_checkpoint(
     return QuantizeSummary(
         warnings=_warnings(config, conv1d) + _side_file_warnings(source.folder),
         output=out,
-        quantized=report.replaced,
-        skipped=report.skipped,
+        quantized=report.replaced + [name for names in experts.values() for name in names],
+        skipped=report.skipped | dict.fromkeys(excluded_experts, "excluded expert"),
         source_bytes=int(metadata["source_bytes"]),
         output_bytes=output_bytes,
         quantized_params=sum(item.quantized_params for item in quantized_items),
@@ -255,80 +270,197 @@ def _weights_sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _expert_names(layout: KeyLayout, experts: str) -> list[str]:
+    """The saved module names of an experts module's matrices (``...experts.3.w1``)."""
+    names = []
+    for key, slot in layout.saved_slots.items():
+        if slot.stacked and slot.key.rpartition(".")[0] == experts:
+            if not key.endswith(".weight"):
+                raise UnknownLayoutError(
+                    f"transformers saves the experts of {experts} as '{key}', not as a "
+                    "module's weight: quantcli does not know this expert layout."
+                )
+            names.append(key.removesuffix(".weight"))
+    return names
+
+
+def _all_expert_names(layout: KeyLayout, moe) -> list[str]:
+    return [name for experts in moe.experts for name in _expert_names(layout, experts)]
+
+
+def _plan_experts(skeleton, layout, moe, config: QuantConfig, model_id: str):
+    """The experts modules to quantize, with their saved matrices' names, and the saved
+    names of those kept in float by --exclude."""
+    quantized: dict[str, list[str]] = {}
+    excluded: list[str] = []
+    for experts in moe.experts:
+        names = _expert_names(layout, experts)
+        module = skeleton.get_submodule(experts)
+        if not names or any(
+            p.ndim != 3
+            or not any(layout.saved_slots[f"{n}.weight"].key == f"{experts}.{attr}" for n in names)
+            for attr, p in module.named_parameters(recurse=False)
+        ):
+            raise UnknownLayoutError(
+                f"transformers does not save the experts of {experts} one matrix per expert: "
+                "quantcli does not know this expert layout."
+            )
+        verdict = experts_excluded(names, config)
+        if verdict is None:
+            raise UsageError(
+                f"--exclude keeps some experts of {experts} in float but not all: quantcli "
+                "quantizes an experts module whole; exclude all of its experts or none."
+            )
+        if verdict:
+            excluded.extend(names)
+            continue
+        if config.granularity is Granularity.GROUP:
+            widths = {attr: p.shape[2] for attr, p in module.named_parameters(recurse=False)}
+            misfit = {attr: w for attr, w in widths.items() if w % config.group_size}
+            if misfit:
+                attr, width = next(iter(misfit.items()))
+                raise UsageError(
+                    f"--group-size {config.group_size} does not divide the input width of the "
+                    f"experts {experts}.{attr} ({width}): choose a group size that divides "
+                    f"{math.gcd(*widths.values())}, or --granularity channel."
+                )
+        quantized[experts] = names
+    return quantized, excluded
+
+
 def _plan(
     skeleton: torch.nn.Module,
+    layout: KeyLayout,
     tensors: dict[str, TensorInfo],
     replaced: list[str],
+    experts: dict[str, list[str]],
     config: QuantConfig,
 ) -> _Plan:
-    """Map every source tensor to the output tensors it becomes."""
-    expected = skeleton.state_dict()
-    model_keys = set(expected)
-    prefix = getattr(skeleton, "base_model_prefix", "")
-    rename = {key: model_key(key, model_keys, prefix) for key in tensors}
-    tensors = _check_tensor_names(skeleton, tensors, rename, expected)
-    by_model_key = {rename[key]: info for key, info in tensors.items()}
-    for name, info in by_model_key.items():
-        if name in expected and tuple(expected[name].shape) != info.shape:
-            raise CheckpointError(
-                f"tensor '{info.name}' has shape {list(info.shape)} but config.json implies "
-                f"{list(expected[name].shape)}: the weights and the config disagree."
-            )
-    quantized = set(replaced)
-    scale_dtypes = {}
+    """Map every source tensor to the output tensors it becomes, under the names
+    ``save_pretrained`` gives them (`KeyLayout.saved`)."""
+    expected = layout.expected
+    slots = {key: layout.slot(key) for key in tensors}
+    tensors = _check_tensor_names(skeleton, tensors, slots, layout)
+    sources = _sources(tensors, slots, layout)  # saved key -> the tensor (or piece) holding it
     plan = _Plan()
+    scale_dtypes: dict[str, torch.dtype] = {}  # saved module name -> its scales' dtype
     for name in replaced:
-        info = by_model_key.get(f"{name}.weight")
+        saved = layout.saved_name(Slot(f"{name}.weight"))
+        info = sources.get(saved)
         if info is None:
             raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
         module = skeleton.get_submodule(name)
         out_features, in_features = linear_weight(module).shape
-        scale_dtypes[name] = config.dtype or _stored_float(info.dtype)
-        layout = QuantLinear(in_features, out_features, False, config, scale_dtypes[name], "meta")
+        saved_module = saved.removesuffix(".weight")
+        scale_dtypes[saved_module] = config.dtype or _stored_float(info.dtype)
         plan.add(
-            _Item(
-                module=name,
-                specs=[
-                    TensorSpec(f"{name}.{key}", t.dtype, tuple(t.shape))
-                    for key, t in layout.state_dict().items()
-                ],
-                produce=_quantizer(
-                    name, info, config, scale_dtypes[name], isinstance(module, Conv1D)
-                ),
-                quantized_params=out_features * in_features,
+            _quantized_item(
+                saved_module,
+                out_features,
+                in_features,
+                info,
+                config,
+                scale_dtypes[saved_module],
+                isinstance(module, Conv1D),
             )
         )
-    for key, info in sorted(tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)):
-        name_in_model = rename[key]
-        module, _, leaf = name_in_model.rpartition(".")
-        if module in quantized and leaf == "weight":
+    for names in experts.values():
+        for saved_module in names:
+            info = sources[f"{saved_module}.weight"]
+            out_features, in_features = info.shape
+            scale_dtypes[saved_module] = config.dtype or _stored_float(info.dtype)
+            plan.add(
+                _quantized_item(
+                    saved_module,
+                    out_features,
+                    in_features,
+                    info,
+                    config,
+                    scale_dtypes[saved_module],
+                    False,
+                )
+            )
+    for saved, info in sorted(sources.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)):
+        module, _, leaf = saved.rpartition(".")
+        if module in scale_dtypes and leaf == "weight":
             continue
-        dtype = scale_dtypes.get(module) if module in quantized else config.dtype
+        dtype = scale_dtypes.get(module) if module in scale_dtypes else config.dtype
         if dtype is None or not info.dtype.is_floating_point:
             dtype = _stored_float(info.dtype)
         plan.add(
             _Item(
                 module=module,
-                specs=[TensorSpec(name_in_model, dtype, info.shape)],
-                produce=_copier(name_in_model, info, dtype),
+                specs=[TensorSpec(saved, dtype, info.shape)],
+                produce=_copier(saved, info, dtype),
             )
         )
+    del expected
     return plan
 
 
-def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, TensorInfo]:
+def _quantized_item(name, out_features, in_features, info, config, scale_dtype, transposed):
+    layout = QuantLinear(in_features, out_features, False, config, scale_dtype, "meta")
+    return _Item(
+        module=name,
+        specs=[
+            TensorSpec(f"{name}.{key}", t.dtype, tuple(t.shape))
+            for key, t in layout.state_dict().items()
+        ],
+        produce=_quantizer(name, info, config, scale_dtype, transposed),
+        quantized_params=out_features * in_features,
+    )
+
+
+def _sources(tensors, slots, layout: KeyLayout) -> dict[str, TensorInfo]:
+    """Each saved key's source: the checkpoint tensor of the same slot, or the block of a
+    fused ``(experts, rows, cols)`` tensor that holds it (read alone: rows are contiguous)."""
+    by_slot = {slots[key]: info for key, info in tensors.items()}
+    sources = {}
+    for saved, slot in layout.saved_slots.items():
+        info = by_slot.get(slot)
+        if info is None and slot.stacked and Slot(slot.key) in by_slot:
+            info = _expert_block(by_slot[Slot(slot.key)], slot)
+        if info is not None:
+            sources[saved] = info
+    return sources
+
+
+def _expert_block(fused: TensorInfo, slot: Slot) -> TensorInfo:
+    experts, rows, cols = fused.shape
+    block = rows // slot.parts
+    itemsize = fused.nbytes // max(1, fused.numel)
+    start = (slot.expert * rows + slot.part * block) * cols * itemsize
+    return TensorInfo(
+        f"{fused.name}[{slot.expert}, {slot.part * block}:{(slot.part + 1) * block}]",
+        fused.dtype,
+        (block, cols),
+        fused.file,
+        fused.offset + start,
+        block * cols * itemsize,
+    )
+
+
+def _check_tensor_names(skeleton, tensors, slots, layout: KeyLayout) -> dict[str, TensorInfo]:
     """`tensors` less those transformers drops on load (legacy buffers such as GPT-2's
     ``attn.bias``); refuses a tensor the config does not describe, which would be copied
-    into a checkpoint no loader accepts, and a missing one the model needs (a norm weight:
-    the model would run with garbage), except a tied head, which is the embeddings."""
+    into a checkpoint no loader accepts, one of the wrong shape, and a missing one the
+    model needs (a norm weight: the model would run with garbage), except a tied head,
+    which is the embeddings."""
     from quantcli.models.loading import _tied_keys
 
+    expected = layout.expected
+    saved_slots = set(layout.saved_slots.values())
     ignored = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_unexpected")
     if any(name.endswith("rotary_emb.inv_freq") for name, _ in skeleton.named_buffers()):
         ignored.append(r"rotary_emb\.inv_freq")
     if any(name.endswith("position_ids") for name, _ in skeleton.named_buffers()):
         ignored.append(r"(^|\.)position_ids$")
-    unexpected = sorted(key for key in tensors if rename[key] not in expected)
+
+    def described(key: str) -> bool:
+        slot = slots[key]
+        return slot in saved_slots if slot.stacked else slot.key in expected
+
+    unexpected = sorted(key for key in tensors if not described(key))
     dropped = {key for key in unexpected if any(re.search(p, key) for p in ignored)}
     unexpected = [key for key in unexpected if key not in dropped]
     if unexpected:
@@ -336,19 +468,36 @@ def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, Tensor
             f"the checkpoint holds tensor '{unexpected[0]}'{_more(unexpected)}, which "
             "config.json does not describe: the weights and the config disagree."
         )
+    tensors = {key: info for key, info in tensors.items() if key not in dropped}
+    for key, info in tensors.items():
+        slot = slots[key]
+        want = (
+            layout.saved[layout.saved_name(slot)]
+            if slot.stacked
+            else tuple(expected[slot.key].shape)
+        )
+        if tuple(info.shape) != want:
+            raise CheckpointError(
+                f"tensor '{info.name}' has shape {list(info.shape)} but config.json implies "
+                f"{list(want)}: the weights and the config disagree."
+            )
     optional = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_missing")
-    present = {rename[key] for key in tensors}
+    present = set(slots[key] for key in tensors)
+    tied = _tied_keys(skeleton, expected)
     missing = sorted(
-        name
-        for name in set(expected) - present - _tied_keys(skeleton, expected)
-        if not any(re.search(p, name) for p in optional)
+        layout.saved_name(slot)
+        for slot in saved_slots
+        if slot not in present
+        and not (slot.stacked and Slot(slot.key) in present)
+        and slot.key not in tied
+        and not any(re.search(p, slot.key) for p in optional)
     )
     if missing:
         raise CheckpointError(
             f"the checkpoint lacks tensor '{missing[0]}'{_more(missing)}, which the model "
             "needs: the files are incomplete or do not match config.json."
         )
-    return {key: info for key, info in tensors.items() if key not in dropped}
+    return tensors
 
 
 def _ignore_patterns(skeleton, attribute: str) -> list[str]:
