@@ -258,10 +258,13 @@ def _route(tensors: dict[str, TensorInfo], layout: KeyLayout, expected: dict):
         if not slot.stacked and slot.key in expected:
             names[key] = slot.key
             continue
+        if slot.stacked and slot in layout.saved_names:  # a float expert matrix
+            pieces.append(_Piece(slot, "weight", info))
+            continue
         module, _, leaf = key.rpartition(".")
         if leaf in QUANTIZED_LEAVES:
             weight_slot = layout.model_module(module)
-            if weight_slot.stacked:
+            if weight_slot.stacked and weight_slot in layout.saved_names:
                 pieces.append(_Piece(weight_slot, leaf, info))
                 continue
             if weight_slot.key.endswith(".weight"):
@@ -281,6 +284,7 @@ def _load_pieces(model, pieces: list[_Piece], quantized: list[str], dtype, devic
     for piece in pieces:
         by_matrix.setdefault(piece.slot, {})[piece.leaf] = piece.info
     floats: dict[str, torch.Tensor] = {}
+    filled: dict[str, set[Slot]] = {}
     for slot, infos in sorted(by_matrix.items(), key=lambda kv: kv[0].key):
         module_name, _, proj = slot.key.rpartition(".")
         module = model.get_submodule(module_name)
@@ -313,7 +317,13 @@ def _load_pieces(model, pieces: list[_Piece], quantized: list[str], dtype, devic
                 f"{[rows, parameter.shape[2]]}."
             )
         full[slot.expert, slot.part * rows : (slot.part + 1) * rows] = tensor
+        filled.setdefault(slot.key, set()).add(slot)
     for key, full in floats.items():
+        if len(filled[key]) != full.shape[0] * next(iter(filled[key])).parts:
+            raise CheckpointError(
+                f"the checkpoint lacks some experts of {key}: the files are incomplete or do "
+                "not match config.json."
+            )
         module_name, _, proj = key.rpartition(".")
         setattr(model.get_submodule(module_name), proj, nn.Parameter(full, requires_grad=False))
     for name in quantized:
