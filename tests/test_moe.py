@@ -261,6 +261,11 @@ def test_cli_quantize_inspect_load_generate_eval_on_moe(moe_source, tmp_path):
     assert len(experts) == 24 and all(layer["kind"] == "int4" for layer in experts)
     routers = [layer for layer in layers if layer["name"].endswith("block_sparse_moe.gate")]
     assert len(routers) == 2 and all(layer["kind"] == "float" for layer in routers)
+    against = run_quantcli("inspect", out, "--against", source, "--json")
+    assert against.returncode == 0, against.stderr
+    errors = json.loads(against.stdout)["layer_errors"]
+    assert sum(".experts." in error["name"] for error in errors) == 24
+    assert all(0 < error["relative_error"] < 0.2 for error in errors)
     loaded = run_quantcli("load", out)
     assert loaded.returncode == 0, loaded.stderr
     generated = run_quantcli("generate", out, "abc", "--max-new-tokens", "4", "--json")

@@ -89,7 +89,7 @@ def load_quantized(
     config = _with_model_names(config, layout)
     report = replace_linear_layers(model, config)
     quantized_experts = _quantized_experts(model, layout, moe, config)
-    replace_experts(model, quantized_experts, config)
+    replace_experts(model, list(quantized_experts), config)
     set_checkpoint_format(model, weight_format)
     expected = {
         key: tensor
@@ -129,7 +129,7 @@ def load_quantized(
     return model, LoadReport(
         model_class=type(model).__name__,
         config=config,
-        quantized=len(report.replaced) + len(quantized_experts),
+        quantized=len(report.replaced) + sum(quantized_experts.values()),
         kept_float=len(report.skipped),
         tensor_bytes=sum(info.nbytes for info in tensors.values()),
         seconds=time.perf_counter() - started,
@@ -229,9 +229,10 @@ def _with_model_names(config: QuantConfig, layout: KeyLayout) -> QuantConfig:
     return replace(config, exclude=(*config.exclude, *extra)) if extra else config
 
 
-def _quantized_experts(model, layout: KeyLayout, moe, config: QuantConfig) -> list[str]:
-    """The experts modules whose matrices the checkpoint holds quantized (none ignored)."""
-    quantized = []
+def _quantized_experts(model, layout: KeyLayout, moe, config: QuantConfig) -> dict[str, int]:
+    """The experts modules whose matrices the checkpoint holds quantized (none ignored),
+    with how many matrices each has on disk."""
+    quantized = {}
     for experts in moe.experts:
         names = [
             key.removesuffix(".weight")
@@ -245,7 +246,7 @@ def _quantized_experts(model, layout: KeyLayout, moe, config: QuantConfig) -> li
                 "quantcli loads an experts module either quantized or float, whole."
             )
         if not verdict:
-            quantized.append(experts)
+            quantized[experts] = len(names)
     return quantized
 
 
@@ -278,7 +279,7 @@ def _stacked_keys(pieces: list[_Piece]) -> set[str]:
     return {piece.slot.key for piece in pieces if piece.leaf == "weight"}
 
 
-def _load_pieces(model, pieces: list[_Piece], quantized: list[str], dtype, device) -> None:
+def _load_pieces(model, pieces: list[_Piece], quantized, dtype, device) -> None:
     """Fill the stacked expert parameters: `QuantExperts` per expert, float ones by rows."""
     by_matrix: dict[Slot, dict[str, TensorInfo]] = {}
     for piece in pieces:

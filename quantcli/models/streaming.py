@@ -247,8 +247,10 @@ def quantize_checkpoint(
     return QuantizeSummary(
         warnings=_warnings(config, conv1d) + _side_file_warnings(source.folder),
         output=out,
-        quantized=report.replaced + [name for names in experts.values() for name in names],
-        skipped=report.skipped | dict.fromkeys(excluded_experts, "excluded expert"),
+        quantized=[layout.saved_module(name) for name in report.replaced]
+        + [name for names in experts.values() for name in names],
+        skipped={layout.saved_module(name): why for name, why in report.skipped.items()}
+        | dict.fromkeys(excluded_experts, "excluded expert"),
         source_bytes=int(metadata["source_bytes"]),
         output_bytes=output_bytes,
         quantized_params=sum(item.quantized_params for item in quantized_items),
