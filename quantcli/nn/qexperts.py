@@ -135,7 +135,7 @@ class QuantExperts(nn.Module):
                 "positive: the checkpoint is corrupt."
             )
         block = slice(part * rows, (part + 1) * rows)
-        self._materialize(packed.device)
+        self._materialize(packed.device, scale.dtype)
         getattr(self, f"{proj}_packed")[expert, block] = packed
         getattr(self, f"{proj}_scale")[expert, block] = scale.reshape(-1, scale.shape[-1]).to(
             getattr(self, f"{proj}_scale").dtype
@@ -159,11 +159,13 @@ class QuantExperts(nn.Module):
             return (1,)
         return (rows, self._groups(cols))
 
-    def _materialize(self, device: torch.device) -> None:
-        """Give the meta buffers memory when the first expert arrives."""
+    def _materialize(self, device: torch.device, scale_dtype: torch.dtype) -> None:
+        """Give the meta buffers memory when the first expert arrives; the scales take the
+        dtype the loader gives the file's scales (as `QuantLinear`'s assigned ones do)."""
         for name, buffer in list(self.named_buffers(recurse=False)):
             if buffer.is_meta:
-                setattr(self, name, torch.empty_like(buffer, device=device))
+                dtype = scale_dtype if name.endswith("_scale") else buffer.dtype
+                setattr(self, name, torch.empty_like(buffer, dtype=dtype, device=device))
 
     def missing_pieces(self) -> list[str]:
         """``proj[expert]`` entries no checkpoint tensor has filled."""
