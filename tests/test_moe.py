@@ -468,3 +468,28 @@ def test_bf16_load_keeps_scales_in_the_asked_dtype(moe_source, tmp_path):
     reference, _ = load_quantized(resolve_model(str(tmp_path / "q")), dtype=None)
     ours, theirs = run(loaded).float(), run(reference)
     assert ours.dtype == torch.float32 and (ours - theirs).abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"is_concatenated": False}, "interleaved"),
+        ({"is_transposed": True}, "transposed"),
+        ({"has_bias": True}, "biased"),
+    ],
+)
+def test_experts_flagged_otherwise_by_transformers_are_refused(change, problem):
+    model = build("qwen3_moe")
+    experts = model.model.layers[1].mlp.experts
+    for attribute, value in change.items():
+        setattr(experts, attribute, value)
+    with pytest.raises(CheckpointError, match=f"layers.1.mlp.experts .*{problem}"):
+        plan_experts(model)
+
+
+def test_a_norm_beside_the_experts_is_neither_router_nor_refused():
+    model = build("olmoe")
+    model.model.layers[0].mlp.norm = torch.nn.LayerNorm(64)
+    plan = plan_experts(model)
+    assert plan.routers == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert plan.experts == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]

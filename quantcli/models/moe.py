@@ -5,7 +5,7 @@ An experts module is one whose name or class says "expert" and that holds 3-D pa
 (transformers 5 fuses every expert of a layer into them). `QuantExperts` stands in for the
 layout it knows (`experts_layout_problem`); any other is refused (exit 4) rather than left
 in float while the run reports success. The routers are the other children of an experts
-module's parent that hold a ``weight`` directly (``gate``, Qwen2-MoE's
+module's parent that hold a 2-D ``weight`` directly (``gate``, Qwen2-MoE's
 ``shared_expert_gate``): kept in float, as llm-compressor does, and listed in the
 checkpoint's ``ignore``.
 """
@@ -50,8 +50,8 @@ def plan_experts(model: nn.Module) -> MoEPlan:
         parent = model.get_submodule(parent_name)
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if full == name or not _holds_tensors(child):
-                continue
+            if full == name or not _holds_matrices(child):
+                continue  # an MLP (shared experts: plain linear layers), a norm, a bias
             problem = _router_problem(child)
             if problem is not None:
                 raise UnknownLayoutError(
@@ -69,10 +69,10 @@ def _looks_like_experts(name: str, module: nn.Module) -> bool:
     return says_expert and any(p.ndim >= 3 for p in module.parameters(recurse=False))
 
 
-def _holds_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False)) or any(
-        True for _ in module.buffers(recurse=False)
-    )
+def _holds_matrices(module: nn.Module) -> bool:
+    """Whether `module` itself holds a tensor of 2 or more dimensions (a router's weight)."""
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return any(tensor.ndim >= 2 for tensor in tensors)
 
 
 def _router_problem(module: nn.Module) -> str | None:

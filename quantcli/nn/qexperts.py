@@ -243,6 +243,8 @@ def experts_layout_problem(module: nn.Module) -> str | None:
         return f"gate_up_proj {list(gate_up)} and down_proj {list(down)} do not fit together"
     if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
         return "transposed or biased expert weights"
+    if getattr(module, "is_concatenated", True) is False:
+        return "gate and up rows interleaved"
     if getattr(module, "has_gate", True) is False or not isinstance(
         getattr(module, "act_fn", None), nn.Module
     ):
