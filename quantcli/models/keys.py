@@ -124,6 +124,16 @@ class KeyLayout:
     def saved_names(self) -> dict[Slot, str]:
         return {slot: key for key, slot in self.saved_slots.items()}
 
+    @cached_property
+    def stacked(self) -> dict[str, list[str]]:
+        """Per module holding stacked parameters (an experts module), the saved keys of its
+        blocks (``...experts.3.w1.weight``), in saved order."""
+        stacked: dict[str, list[str]] = {}
+        for key, slot in self.saved_slots.items():
+            if slot.stacked:
+                stacked.setdefault(slot.key.rpartition(".")[0], []).append(key)
+        return stacked
+
     def saved_name(self, slot: Slot) -> str:
         """The saved key of a slot; a key transformers does not map keeps its name."""
         return self.saved_names.get(slot, slot.key)

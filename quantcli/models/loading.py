@@ -234,11 +234,7 @@ def _quantized_experts(model, layout: KeyLayout, moe, config: QuantConfig) -> di
     with how many matrices each has on disk."""
     quantized = {}
     for experts in moe.experts:
-        names = [
-            key.removesuffix(".weight")
-            for key, slot in layout.saved_slots.items()
-            if slot.stacked and slot.key.rpartition(".")[0] == experts
-        ]
+        names = [key.removesuffix(".weight") for key in layout.stacked.get(experts, [])]
         verdict = experts_excluded(names, config)
         if verdict is None:
             raise CheckpointError(

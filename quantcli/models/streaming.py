@@ -275,14 +275,13 @@ def _weights_sha256(files: list[Path]) -> str:
 def _expert_names(layout: KeyLayout, experts: str) -> list[str]:
     """The saved module names of an experts module's matrices (``...experts.3.w1``)."""
     names = []
-    for key, slot in layout.saved_slots.items():
-        if slot.stacked and slot.key.rpartition(".")[0] == experts:
-            if not key.endswith(".weight"):
-                raise UnknownLayoutError(
-                    f"transformers saves the experts of {experts} as '{key}', not as a "
-                    "module's weight: quantcli does not know this expert layout."
-                )
-            names.append(key.removesuffix(".weight"))
+    for key in layout.stacked.get(experts, []):
+        if not key.endswith(".weight"):
+            raise UnknownLayoutError(
+                f"transformers saves the experts of {experts} as '{key}', not as a "
+                "module's weight: quantcli does not know this expert layout."
+            )
+        names.append(key.removesuffix(".weight"))
     return names
 
 
@@ -298,11 +297,10 @@ def _plan_experts(skeleton, layout, moe, config: QuantConfig, model_id: str):
     for experts in moe.experts:
         names = _expert_names(layout, experts)
         module = skeleton.get_submodule(experts)
-        if not names or any(
-            p.ndim != 3
-            or not any(layout.saved_slots[f"{n}.weight"].key == f"{experts}.{attr}" for n in names)
-            for attr, p in module.named_parameters(recurse=False)
-        ):
+        stacked = {layout.saved_slots[f"{n}.weight"].key for n in names}
+        if not names or stacked != {
+            f"{experts}.{attr}" for attr, _ in module.named_parameters(recurse=False)
+        }:
             raise UnknownLayoutError(
                 f"transformers does not save the experts of {experts} one matrix per expert: "
                 "quantcli does not know this expert layout."
