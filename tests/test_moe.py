@@ -502,3 +502,17 @@ def test_a_norm_beside_the_experts_is_neither_router_nor_refused():
     plan = plan_experts(model)
     assert plan.routers == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert plan.experts == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+
+
+def test_excluding_the_experts_module_by_its_model_name_keeps_all_its_experts_float(
+    moe_source, tmp_path
+):
+    config = QuantConfig(bits=4, exclude=("model.layers.0.mlp.experts",))
+    summary = quantize(moe_source("mixtral"), tmp_path / "q", config)
+    assert not any(
+        n.startswith("model.layers.0.block_sparse_moe.experts") for n in summary.quantized
+    )
+    assert sum(".experts." in n for n in summary.quantized) == 12  # layer 1's
+    loaded, _ = load_quantized(resolve_model(str(tmp_path / "q")), dtype=None)
+    assert not isinstance(loaded.model.layers[0].mlp.experts, QuantExperts)
+    assert isinstance(loaded.model.layers[1].mlp.experts, QuantExperts)

@@ -235,7 +235,7 @@ def _quantized_experts(model, layout: KeyLayout, moe, config: QuantConfig) -> di
     quantized = {}
     for experts in moe.experts:
         names = [key.removesuffix(".weight") for key in layout.stacked.get(experts, [])]
-        verdict = experts_excluded(names, config)
+        verdict = experts_excluded(names, config, experts)
         if verdict is None:
             raise CheckpointError(
                 f"the quantization config ignores some experts of {experts} but not all: "

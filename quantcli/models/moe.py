@@ -94,9 +94,12 @@ def _router_problem(module: nn.Module) -> str | None:
     return None
 
 
-def experts_excluded(names: list[str], config: QuantConfig) -> bool | None:
-    """Whether `config` excludes an experts module's saved expert matrices: all (True),
-    none (False); None when it excludes some but not all."""
+def experts_excluded(names: list[str], config: QuantConfig, module: str = "") -> bool | None:
+    """Whether `config` excludes an experts module's saved expert matrices: all (True: a
+    pattern names them all, or the experts `module` itself), none (False); None when it
+    excludes some but not all."""
+    if module and any(matches(module, pattern) for pattern in config.exclude):
+        return True
     hits = [any(matches(name, pattern) for pattern in config.exclude) for name in names]
     if all(hits):
         return True

@@ -185,7 +185,7 @@ def quantize_checkpoint(
         if router in report.replaced:
             report.replaced.remove(router)
         report.skipped[router] = ROUTER_REASON
-    experts, excluded_experts = _plan_experts(skeleton, layout, moe, config, source.model_id)
+    experts, excluded_experts = _plan_experts(skeleton, layout, moe, config)
     report.unused_excludes = [
         pattern
         for pattern in report.unused_excludes
@@ -286,10 +286,11 @@ def _expert_names(layout: KeyLayout, experts: str) -> list[str]:
 
 
 def _all_expert_names(layout: KeyLayout, moe) -> list[str]:
-    return [name for experts in moe.experts for name in _expert_names(layout, experts)]
+    """Every experts module's name and its matrices' saved names (what --exclude may name)."""
+    return [name for experts in moe.experts for name in [experts, *_expert_names(layout, experts)]]
 
 
-def _plan_experts(skeleton, layout, moe, config: QuantConfig, model_id: str):
+def _plan_experts(skeleton, layout, moe, config: QuantConfig):
     """The experts modules to quantize, with their saved matrices' names, and the saved
     names of those kept in float by --exclude."""
     quantized: dict[str, list[str]] = {}
@@ -305,7 +306,7 @@ def _plan_experts(skeleton, layout, moe, config: QuantConfig, model_id: str):
                 f"transformers does not save the experts of {experts} one matrix per expert: "
                 "quantcli does not know this expert layout."
             )
-        verdict = experts_excluded(names, config)
+        verdict = experts_excluded(names, config, experts)
         if verdict is None:
             raise UsageError(
                 f"--exclude keeps some experts of {experts} in float but not all: quantcli "
@@ -338,7 +339,6 @@ def _plan(
 ) -> _Plan:
     """Map every source tensor to the output tensors it becomes, under the names
     ``save_pretrained`` gives them (`KeyLayout.saved`)."""
-    expected = layout.expected
     slots = {key: layout.slot(key) for key in tensors}
     tensors = _check_tensor_names(skeleton, tensors, slots, layout)
     sources = _sources(tensors, slots, layout)  # saved key -> the tensor (or piece) holding it
@@ -394,7 +394,6 @@ def _plan(
                 produce=_copier(saved, info, dtype),
             )
         )
-    del expected
     return plan
 
 
