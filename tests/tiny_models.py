@@ -74,9 +74,81 @@ AUTO_CLASS = {
 }
 
 
+def _moe_common() -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def _moe_configs() -> dict:
+    """Tiny mixtures of experts: 2 layers, 4 experts, top-2, widths multiples of 32.
+
+    Kept apart from CONFIGS: the experts are fused 3-D parameters, not linear layers, so the
+    dense models' tests (replace_linear_layers in memory) do not apply to them.
+    """
+    from transformers import (
+        DeepseekV3Config,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
+
+    return {
+        "mixtral": lambda: MixtralConfig(
+            **_moe_common(), intermediate_size=64, num_local_experts=4
+        ),
+        "qwen2_moe": lambda: Qwen2MoeConfig(
+            **_moe_common(),
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+        ),
+        "qwen3_moe": lambda: Qwen3MoeConfig(
+            **_moe_common(),
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=4,
+            head_dim=16,
+        ),
+        "olmoe": lambda: OlmoeConfig(**_moe_common(), intermediate_size=64, num_experts=4),
+        # shared experts, grouped routing (2 groups, 1 picked), a dense first layer, MLA
+        "deepseek_v3": lambda: DeepseekV3Config(
+            **_moe_common(),
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=32,
+        ),
+    }
+
+
+MOE_CONFIGS = _moe_configs()
+
+
 def build(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A random model of `arch` in eval mode, reproducible from `seed`."""
+    """A random model of `arch` (dense or MoE) in eval mode, reproducible from `seed`."""
     torch.manual_seed(seed)
+    if arch in MOE_CONFIGS:
+        return AutoModelForCausalLM.from_config(MOE_CONFIGS[arch]()).eval()
     return AUTO_CLASS[arch].from_config(CONFIGS[arch]()).eval()
 
 

@@ -21,11 +21,11 @@ from quantcli.checkpoint import (
     weight_files,
 )
 from quantcli.errors import CheckpointError, UsageError
+from quantcli.models.keys import KeyLayout
 from quantcli.models.loading import assign_state
 from quantcli.models.replace import linear_weight
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource
-from quantcli.models.streaming import model_key
 from quantcli.nn.qlinear import QuantLinear
 
 
@@ -57,9 +57,8 @@ def layer_errors(
     skeleton = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
     ours, _ = read_all_headers(weight_files(checkpoint))
     theirs, _ = read_all_headers(weight_files(original.folder))
-    keys = set(skeleton.state_dict())
-    prefix = getattr(skeleton, "base_model_prefix", "")
-    originals = {model_key(key, keys, prefix): info for key, info in theirs.items()}
+    layout = KeyLayout(skeleton)  # checkpoint names (per-expert ones too) to the model's
+    originals = {layout.slot(key): info for key, info in theirs.items()}
     names = sorted(
         key.removesuffix(".weight_scale") for key in ours if key.endswith(".weight_scale")
     )
@@ -67,16 +66,20 @@ def layer_errors(
         on_start(len(names))
     results = []
     for name in names:
-        info = originals.get(f"{name}.weight")
+        slot = layout.slot(f"{name}.weight")
+        info = originals.get(slot)
         if info is None:
             raise CheckpointError(
                 f"{original.model_id} has no {name}.weight: it is not this checkpoint's original."
             )
-        module = skeleton.get_submodule(name)
         weight = read_tensor(info).float()
-        if isinstance(module, Conv1D):  # GPT-2 stores (in, out)
-            weight = weight.t()
-        out_features, in_features = linear_weight(module).shape
+        if slot.stacked:  # one expert's matrix, saved as its own 2-D tensor
+            out_features, in_features = layout.saved.get(f"{name}.weight", weight.shape)
+        else:
+            module = skeleton.get_submodule(slot.key.removesuffix(".weight"))
+            if isinstance(module, Conv1D):  # GPT-2 stores (in, out)
+                weight = weight.t()
+            out_features, in_features = linear_weight(module).shape
         if tuple(weight.shape) != (out_features, in_features):
             raise CheckpointError(
                 f"{name}.weight is {list(weight.shape)} in {original.model_id} but "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,10 +29,13 @@ from quantcli.checkpoint import (
 )
 from quantcli.config import QuantConfig
 from quantcli.errors import CheckpointError
+from quantcli.models.keys import KeyLayout, Slot
+from quantcli.models.moe import experts_excluded, plan_experts, replace_experts
 from quantcli.models.replace import replace_linear_layers
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import ModelSource, resolve_model
 from quantcli.nn.kernels import preferred_dtype, prepare_kernels
+from quantcli.nn.qexperts import QuantExperts
 from quantcli.nn.qlinear import QuantLinear
 
 
@@ -81,16 +84,30 @@ def load_quantized(
     check_format_version(metadata, source.model_id)
 
     model = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
+    layout = KeyLayout(model)  # before any replacement: it needs the fused expert parameters
+    moe = plan_experts(model)
+    config = _with_model_names(config, layout)
     report = replace_linear_layers(model, config)
+    quantized_experts = _quantized_experts(model, layout, moe, config)
+    replace_experts(model, list(quantized_experts), config)
     set_checkpoint_format(model, weight_format)
-    expected = model.state_dict()
-    _check_against_skeleton(tensors, expected, _tied_keys(model, expected))
+    expected = {
+        key: tensor
+        for key, tensor in model.state_dict().items()
+        if key.rpartition(".")[0] not in quantized_experts
+    }
+    names, pieces = _route(tensors, layout, expected)
+    _check_against_skeleton(
+        {names[key]: info for key, info in tensors.items() if key in names},
+        expected,
+        _tied_keys(model, expected) | _stacked_keys(pieces),
+    )
 
     # one module at a time, so that a layer's file tensors are freed once it has taken them
     by_module: dict[str, dict[str, TensorInfo]] = {}
-    for name, info in tensors.items():
+    for key, name in names.items():
         module, _, leaf = name.rpartition(".")
-        by_module.setdefault(module, {})[leaf] = info
+        by_module.setdefault(module, {})[leaf] = tensors[key]
     for module, infos in by_module.items():
         state = {}
         for leaf, info in infos.items():
@@ -99,6 +116,7 @@ def load_quantized(
                 tensor = tensor.to(dtype)
             state[leaf] = tensor.to(device)
         assign_state(model.get_submodule(module), module, state)
+    _load_pieces(model, pieces, quantized_experts, dtype, device)
     if report.shared_head is None:  # a head on a quantized table was tied when replaced
         model.tie_weights()
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -113,7 +131,7 @@ def load_quantized(
     return model, LoadReport(
         model_class=type(model).__name__,
         config=config,
-        quantized=len(report.replaced),
+        quantized=len(report.replaced) + sum(quantized_experts.values()),
         kept_float=len(report.skipped),
         tensor_bytes=sum(info.nbytes for info in tensors.values()),
         seconds=time.perf_counter() - started,
@@ -184,6 +202,137 @@ def set_checkpoint_format(model: nn.Module, weight_format: str) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.checkpoint_format = weight_format
+
+
+#: The tensors of a quantized layer in the checkpoint, beside its float ``bias``.
+QUANTIZED_LEAVES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A checkpoint tensor that fills one expert's block of a stacked parameter."""
+
+    slot: Slot
+    leaf: str  # "weight" for float experts, else a QUANTIZED_LEAVES entry
+    info: TensorInfo
+
+
+def _with_model_names(config: QuantConfig, layout: KeyLayout) -> QuantConfig:
+    """`config` whose excluded names (saved module names, as ``ignore`` lists them) also
+    hold the model's names for the same modules, when transformers renames them."""
+    extra = []
+    for pattern in config.exclude:
+        if pattern.startswith("re:") or any(c in pattern for c in "*?["):
+            continue
+        slot = layout.model_module(pattern)
+        module = slot.key.removesuffix(".weight")
+        if not slot.stacked and module != pattern:
+            extra.append(module)
+    return replace(config, exclude=(*config.exclude, *extra)) if extra else config
+
+
+def _quantized_experts(model, layout: KeyLayout, moe, config: QuantConfig) -> dict[str, int]:
+    """The experts modules whose matrices the checkpoint holds quantized (none ignored),
+    with how many matrices each has on disk."""
+    quantized = {}
+    for experts in moe.experts:
+        names = [key.removesuffix(".weight") for key in layout.stacked.get(experts, [])]
+        verdict = experts_excluded(names, config, experts)
+        if verdict is None:
+            raise CheckpointError(
+                f"the quantization config ignores some experts of {experts} but not all: "
+                "quantcli loads an experts module either quantized or float, whole."
+            )
+        if not verdict:
+            quantized[experts] = len(names)
+    return quantized
+
+
+def _route(tensors: dict[str, TensorInfo], layout: KeyLayout, expected: dict):
+    """Each file tensor's model state-dict key, or the expert block it fills."""
+    names: dict[str, str] = {}
+    pieces: list[_Piece] = []
+    for key, info in tensors.items():
+        slot = layout.slot(key)
+        if not slot.stacked and slot.key in expected:
+            names[key] = slot.key
+            continue
+        if slot.stacked and slot in layout.saved_names:  # a float expert matrix
+            pieces.append(_Piece(slot, "weight", info))
+            continue
+        module, _, leaf = key.rpartition(".")
+        if leaf in QUANTIZED_LEAVES:
+            weight_slot = layout.model_module(module)
+            if weight_slot.stacked and weight_slot in layout.saved_names:
+                pieces.append(_Piece(weight_slot, leaf, info))
+                continue
+            if weight_slot.key.endswith(".weight"):
+                names[key] = weight_slot.key.removesuffix("weight") + leaf
+                continue
+        names[key] = key  # refused by _check_against_skeleton, by its file name
+    return names, pieces
+
+
+def _stacked_keys(pieces: list[_Piece]) -> set[str]:
+    return {piece.slot.key for piece in pieces if piece.leaf == "weight"}
+
+
+def _load_pieces(model, pieces: list[_Piece], quantized, dtype, device) -> None:
+    """Fill the stacked expert parameters: `QuantExperts` per expert, float ones by rows."""
+    by_matrix: dict[Slot, dict[str, TensorInfo]] = {}
+    for piece in pieces:
+        by_matrix.setdefault(piece.slot, {})[piece.leaf] = piece.info
+    floats: dict[str, torch.Tensor] = {}
+    filled: dict[str, set[Slot]] = {}
+    for slot, infos in sorted(by_matrix.items(), key=lambda kv: kv[0].key):
+        module_name, _, proj = slot.key.rpartition(".")
+        module = model.get_submodule(module_name)
+        where = f"{module_name}.{proj}[{slot.expert}]"
+        if isinstance(module, QuantExperts):
+            state = {}
+            for leaf, info in infos.items():
+                tensor = read_tensor(info)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state[leaf] = tensor.to(device)
+            module.set_piece(proj, slot.expert, slot.part, slot.parts, state, where)
+            continue
+        if set(infos) != {"weight"}:
+            raise CheckpointError(
+                f"{where} is stored quantized ({', '.join(sorted(infos))}) but the config "
+                "keeps these experts in float."
+            )
+        parameter = getattr(module, proj)
+        full = floats.get(slot.key)
+        if full is None:
+            full = floats[slot.key] = torch.empty(
+                parameter.shape, dtype=dtype or infos["weight"].dtype, device=device
+            )
+        rows = parameter.shape[1] // slot.parts
+        tensor = read_tensor(infos["weight"])
+        if tuple(tensor.shape) != (rows, parameter.shape[2]):
+            raise CheckpointError(
+                f"{where} has shape {list(tensor.shape)} in the file but the config implies "
+                f"{[rows, parameter.shape[2]]}."
+            )
+        full[slot.expert, slot.part * rows : (slot.part + 1) * rows] = tensor
+        filled.setdefault(slot.key, set()).add(slot)
+    for key, full in floats.items():
+        if len(filled[key]) != full.shape[0] * next(iter(filled[key])).parts:
+            raise CheckpointError(
+                f"the checkpoint lacks some experts of {key}: the files are incomplete or do "
+                "not match config.json."
+            )
+        module_name, _, proj = key.rpartition(".")
+        setattr(model.get_submodule(module_name), proj, nn.Parameter(full, requires_grad=False))
+    for name in quantized:
+        missing = model.get_submodule(name).missing_pieces()
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks {name}.{missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + ": the files are incomplete or do not match config.json."
+            )
 
 
 def _check_against_skeleton(tensors, expected, tied) -> None:

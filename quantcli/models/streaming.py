@@ -39,7 +39,7 @@ from quantcli.checkpoint import (
     write_index,
     write_local_source,
 )
-from quantcli.config import QuantConfig
+from quantcli.config import Granularity, QuantConfig
 from quantcli.errors import (
     CheckpointError,
     InvalidTensorError,
@@ -48,7 +48,14 @@ from quantcli.errors import (
     UsageError,
 )
 from quantcli.files import model_root, umask_mode
-from quantcli.models.replace import output_head_names, plan_replacement, quantized_weight
+from quantcli.models.keys import KeyLayout, Slot, UnknownLayoutError
+from quantcli.models.moe import ROUTER_REASON, experts_excluded, plan_experts
+from quantcli.models.replace import (
+    matches,
+    output_head_names,
+    plan_replacement,
+    quantized_weight,
+)
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import (
     ModelSource,
@@ -177,7 +184,19 @@ def quantize_checkpoint(
     files = weight_files(source.folder)
     tensors, _ = read_all_headers(files)
     skeleton = build_skeleton(hf_config, trust_remote_code=trust_remote_code)
+    layout = KeyLayout(skeleton)
+    moe = plan_experts(skeleton)
     report = plan_replacement(skeleton, config)
+    for router in moe.routers:  # an nn.Linear router (shared_expert_gate) stays float too
+        if router in report.replaced:
+            report.replaced.remove(router)
+        report.skipped[router] = ROUTER_REASON
+    experts, excluded_experts = _plan_experts(skeleton, layout, moe, config)
+    report.unused_excludes = [
+        pattern
+        for pattern in report.unused_excludes
+        if not any(matches(name, pattern) for name in _all_expert_names(layout, moe))
+    ]
     if report.unused_excludes:
         raise UsageError(
             f"--exclude {report.unused_excludes[0]!r} matches no linear layer of "
@@ -186,14 +205,14 @@ def quantize_checkpoint(
         )
     if report.group_misfits:
         raise UsageError(_group_misfit_message(skeleton, report, config))
-    if not report.replaced and not report.embeddings:
+    if not report.replaced and not experts and not report.embeddings:
         raise UsageError(
             f"{source.model_id} has no linear layer to quantize with these settings "
             f"({len(report.skipped)} kept in float)."
         )
     untie = heads_to_untie(skeleton, report.replaced, hf_config, trust_remote_code)
     quantized = [*report.replaced, *([report.embeddings] if report.embeddings else [])]
-    plan = _plan(skeleton, tensors, quantized, config, untie)
+    plan = _plan(skeleton, layout, tensors, quantized, experts, config, untie)
     conv1d = any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,8 +236,10 @@ def quantize_checkpoint(
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
-        heads = sorted(set(report.replaced) & output_head_names(skeleton))
-        hf_config.quantization_config = quantization_config(config, list(report.skipped), heads)
+        ignore = {layout.saved_module(name) for name in report.skipped} | set(excluded_experts)
+        heads = {layout.saved_module(name) for name in output_head_names(skeleton)}
+        heads &= {layout.saved_module(name) for name in report.replaced}
+        hf_config.quantization_config = quantization_config(config, sorted(ignore), sorted(heads))
         if untie:
             untie_word_embeddings(hf_config)
         if config.dtype is not None:
@@ -238,8 +259,10 @@ def quantize_checkpoint(
     return QuantizeSummary(
         warnings=_warnings(config, conv1d) + _side_file_warnings(source.folder),
         output=out,
-        quantized=quantized,
-        skipped=report.skipped,
+        quantized=[layout.saved_module(name) for name in quantized]
+        + [name for names in experts.values() for name in names],
+        skipped={layout.saved_module(name): why for name, why in report.skipped.items()}
+        | dict.fromkeys(excluded_experts, "excluded expert"),
         source_bytes=int(metadata["source_bytes"]),
         output_bytes=output_bytes,
         quantized_params=sum(item.quantized_params for item in quantized_items),
@@ -261,69 +284,136 @@ def _weights_sha256(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _expert_names(layout: KeyLayout, experts: str) -> list[str]:
+    """The saved module names of an experts module's matrices (``...experts.3.w1``)."""
+    names = []
+    for key in layout.stacked.get(experts, []):
+        if not key.endswith(".weight"):
+            raise UnknownLayoutError(
+                f"transformers saves the experts of {experts} as '{key}', not as a "
+                "module's weight: quantcli does not know this expert layout."
+            )
+        names.append(key.removesuffix(".weight"))
+    return names
+
+
+def _all_expert_names(layout: KeyLayout, moe) -> list[str]:
+    """Every experts module's name and its matrices' saved names (what --exclude may name)."""
+    return [name for experts in moe.experts for name in [experts, *_expert_names(layout, experts)]]
+
+
+def _plan_experts(skeleton, layout, moe, config: QuantConfig):
+    """The experts modules to quantize, with their saved matrices' names, and the saved
+    names of those kept in float by --exclude."""
+    quantized: dict[str, list[str]] = {}
+    excluded: list[str] = []
+    for experts in moe.experts:
+        names = _expert_names(layout, experts)
+        module = skeleton.get_submodule(experts)
+        stacked = {layout.saved_slots[f"{n}.weight"].key for n in names}
+        if not names or stacked != {
+            f"{experts}.{attr}" for attr, _ in module.named_parameters(recurse=False)
+        }:
+            raise UnknownLayoutError(
+                f"transformers does not save the experts of {experts} one matrix per expert: "
+                "quantcli does not know this expert layout."
+            )
+        verdict = experts_excluded(names, config, experts)
+        if verdict is None:
+            raise UsageError(
+                f"--exclude keeps some experts of {experts} in float but not all: quantcli "
+                "quantizes an experts module whole; exclude all of its experts or none."
+            )
+        if verdict:
+            excluded.extend(names)
+            continue
+        if config.granularity is Granularity.GROUP:
+            widths = {attr: p.shape[2] for attr, p in module.named_parameters(recurse=False)}
+            misfit = {attr: w for attr, w in widths.items() if w % config.group_size}
+            if misfit:
+                attr, width = next(iter(misfit.items()))
+                raise UsageError(
+                    f"--group-size {config.group_size} does not divide the input width of the "
+                    f"experts {experts}.{attr} ({width}): choose a group size that divides "
+                    f"{math.gcd(*widths.values())}, or --granularity channel."
+                )
+        quantized[experts] = names
+    return quantized, excluded
+
+
 def _plan(
     skeleton: torch.nn.Module,
+    layout: KeyLayout,
     tensors: dict[str, TensorInfo],
     replaced: list[str],
+    experts: dict[str, list[str]],
     config: QuantConfig,
     untie: dict[str, str],
 ) -> _Plan:
-    """Map every source tensor to the output tensors it becomes; `untie` maps tied keys
-    (target: source) that the output stores apart, the head quantized, the rest copied."""
-    expected = skeleton.state_dict()
-    model_keys = set(expected)
-    prefix = getattr(skeleton, "base_model_prefix", "")
-    rename = {key: model_key(key, model_keys, prefix) for key in tensors}
-    tensors = _check_tensor_names(skeleton, tensors, rename, expected)
-    by_model_key = {rename[key]: info for key, info in tensors.items()}
-    for name, info in by_model_key.items():
-        if name in expected and tuple(expected[name].shape) != info.shape:
-            raise CheckpointError(
-                f"tensor '{info.name}' has shape {list(info.shape)} but config.json implies "
-                f"{list(expected[name].shape)}: the weights and the config disagree."
-            )
-    quantized = set(replaced)
-    scale_dtypes = {}
+    """Map every source tensor to the output tensors it becomes, under the names
+    ``save_pretrained`` gives them (`KeyLayout.saved`). `untie` maps tied keys (target:
+    source) that the output stores apart: the head quantized, the rest copied."""
+    slots = {key: layout.slot(key) for key in tensors}
+    tensors = _check_tensor_names(skeleton, tensors, slots, layout)
+    sources = _sources(tensors, slots, layout)  # saved key -> the tensor (or piece) holding it
     plan = _Plan()
+    scale_dtypes: dict[str, torch.dtype] = {}  # saved module name -> its scales' dtype
     for name in replaced:
-        info = by_model_key.get(f"{name}.weight") or by_model_key.get(untie.get(f"{name}.weight"))
+        saved = layout.saved_name(Slot(f"{name}.weight"))
+        info = sources.get(saved)
+        if info is None and f"{name}.weight" in untie:  # a tied head: quantized from its table
+            info = sources.get(layout.saved_name(Slot(untie[f"{name}.weight"])))
         if info is None:
             raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
         module = skeleton.get_submodule(name)
         out_features, in_features = quantized_weight(module).shape
-        scale_dtypes[name] = config.dtype or _stored_float(info.dtype)
-        layout = QuantLinear(in_features, out_features, False, config, scale_dtypes[name], "meta")
+        saved_module = saved.removesuffix(".weight")
+        scale_dtypes[saved_module] = config.dtype or _stored_float(info.dtype)
         plan.add(
-            _Item(
-                module=name,
-                specs=[
-                    TensorSpec(f"{name}.{key}", t.dtype, tuple(t.shape))
-                    for key, t in layout.state_dict().items()
-                ],
-                produce=_quantizer(
-                    name, info, config, scale_dtypes[name], isinstance(module, Conv1D)
-                ),
-                quantized_params=out_features * in_features,
+            _quantized_item(
+                saved_module,
+                out_features,
+                in_features,
+                info,
+                config,
+                scale_dtypes[saved_module],
+                isinstance(module, Conv1D),
             )
         )
-    copies = [(target, by_model_key[source]) for target, source in untie.items()]
-    copies = [(target, info) for target, info in copies if target not in by_model_key]
-    originals = [(rename[key], info) for key, info in tensors.items()]
-    for name_in_model, info in [
-        *sorted(originals, key=lambda pair: (str(pair[1].file), pair[1].offset)),
-        *copies,
-    ]:
-        module, _, leaf = name_in_model.rpartition(".")
-        if module in quantized and leaf == "weight":
+    for names in experts.values():
+        for saved_module in names:
+            info = sources[f"{saved_module}.weight"]
+            out_features, in_features = info.shape
+            scale_dtypes[saved_module] = config.dtype or _stored_float(info.dtype)
+            plan.add(
+                _quantized_item(
+                    saved_module,
+                    out_features,
+                    in_features,
+                    info,
+                    config,
+                    scale_dtypes[saved_module],
+                    False,
+                )
+            )
+    copies = {
+        layout.saved_name(Slot(target)): sources.get(layout.saved_name(Slot(origin)))
+        for target, origin in untie.items()
+    }
+    copies = {saved: info for saved, info in copies.items() if saved not in sources and info}
+    in_order = sorted(sources.items(), key=lambda kv: (str(kv[1].file), kv[1].offset))
+    for saved, info in [*in_order, *copies.items()]:
+        module, _, leaf = saved.rpartition(".")
+        if module in scale_dtypes and leaf == "weight":
             continue
-        dtype = scale_dtypes.get(module) if module in quantized else config.dtype
+        dtype = scale_dtypes.get(module) if module in scale_dtypes else config.dtype
         if dtype is None or not info.dtype.is_floating_point:
             dtype = _stored_float(info.dtype)
         plan.add(
             _Item(
                 module=module,
-                specs=[TensorSpec(name_in_model, dtype, info.shape)],
-                produce=_copier(name_in_model, info, dtype),
+                specs=[TensorSpec(saved, dtype, info.shape)],
+                produce=_copier(saved, info, dtype),
             )
         )
     return plan
@@ -361,19 +451,69 @@ def untie_word_embeddings(hf_config) -> None:
             config.tie_word_embeddings = False
 
 
-def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, TensorInfo]:
+def _quantized_item(name, out_features, in_features, info, config, scale_dtype, transposed):
+    layout = QuantLinear(in_features, out_features, False, config, scale_dtype, "meta")
+    return _Item(
+        module=name,
+        specs=[
+            TensorSpec(f"{name}.{key}", t.dtype, tuple(t.shape))
+            for key, t in layout.state_dict().items()
+        ],
+        produce=_quantizer(name, info, config, scale_dtype, transposed),
+        quantized_params=out_features * in_features,
+    )
+
+
+def _sources(tensors, slots, layout: KeyLayout) -> dict[str, TensorInfo]:
+    """Each saved key's source: the checkpoint tensor of the same slot, or the block of a
+    fused ``(experts, rows, cols)`` tensor that holds it (read alone: rows are contiguous)."""
+    by_slot = {slots[key]: info for key, info in tensors.items()}
+    sources = {}
+    for saved, slot in layout.saved_slots.items():
+        info = by_slot.get(slot)
+        if info is None and slot.stacked and Slot(slot.key) in by_slot:
+            info = _expert_block(by_slot[Slot(slot.key)], slot)
+        if info is not None:
+            sources[saved] = info
+    return sources
+
+
+def _expert_block(fused: TensorInfo, slot: Slot) -> TensorInfo:
+    experts, rows, cols = fused.shape
+    block = rows // slot.parts
+    itemsize = fused.nbytes // max(1, fused.numel)
+    start = (slot.expert * rows + slot.part * block) * cols * itemsize
+    return TensorInfo(
+        f"{fused.name}[{slot.expert}, {slot.part * block}:{(slot.part + 1) * block}]",
+        fused.dtype,
+        (block, cols),
+        fused.file,
+        fused.offset + start,
+        block * cols * itemsize,
+    )
+
+
+def _check_tensor_names(skeleton, tensors, slots, layout: KeyLayout) -> dict[str, TensorInfo]:
     """`tensors` less those transformers drops on load (legacy buffers such as GPT-2's
     ``attn.bias``); refuses a tensor the config does not describe, which would be copied
-    into a checkpoint no loader accepts, and a missing one the model needs (a norm weight:
-    the model would run with garbage), except a tied head, which is the embeddings."""
+    into a checkpoint no loader accepts, one of the wrong shape, and a missing one the
+    model needs (a norm weight: the model would run with garbage), except a tied head,
+    which is the embeddings."""
     from quantcli.models.loading import _tied_keys
 
+    expected = layout.expected
+    saved_slots = set(layout.saved_slots.values())
     ignored = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_unexpected")
     if any(name.endswith("rotary_emb.inv_freq") for name, _ in skeleton.named_buffers()):
         ignored.append(r"rotary_emb\.inv_freq")
     if any(name.endswith("position_ids") for name, _ in skeleton.named_buffers()):
         ignored.append(r"(^|\.)position_ids$")
-    unexpected = sorted(key for key in tensors if rename[key] not in expected)
+
+    def described(key: str) -> bool:
+        slot = slots[key]
+        return slot in saved_slots if slot.stacked else slot.key in expected
+
+    unexpected = sorted(key for key in tensors if not described(key))
     dropped = {key for key in unexpected if any(re.search(p, key) for p in ignored)}
     unexpected = [key for key in unexpected if key not in dropped]
     if unexpected:
@@ -381,19 +521,36 @@ def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, Tensor
             f"the checkpoint holds tensor '{unexpected[0]}'{_more(unexpected)}, which "
             "config.json does not describe: the weights and the config disagree."
         )
+    tensors = {key: info for key, info in tensors.items() if key not in dropped}
+    for key, info in tensors.items():
+        slot = slots[key]
+        want = (
+            layout.saved[layout.saved_name(slot)]
+            if slot.stacked
+            else tuple(expected[slot.key].shape)
+        )
+        if tuple(info.shape) != want:
+            raise CheckpointError(
+                f"tensor '{info.name}' has shape {list(info.shape)} but config.json implies "
+                f"{list(want)}: the weights and the config disagree."
+            )
     optional = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_missing")
-    present = {rename[key] for key in tensors}
+    present = set(slots[key] for key in tensors)
+    tied = _tied_keys(skeleton, expected)
     missing = sorted(
-        name
-        for name in set(expected) - present - _tied_keys(skeleton, expected)
-        if not any(re.search(p, name) for p in optional)
+        layout.saved_name(slot)
+        for slot in saved_slots
+        if slot not in present
+        and not (slot.stacked and Slot(slot.key) in present)
+        and slot.key not in tied
+        and not any(re.search(p, slot.key) for p in optional)
     )
     if missing:
         raise CheckpointError(
             f"the checkpoint lacks tensor '{missing[0]}'{_more(missing)}, which the model "
             "needs: the files are incomplete or do not match config.json."
         )
-    return {key: info for key, info in tensors.items() if key not in dropped}
+    return tensors
 
 
 def _ignore_patterns(skeleton, attribute: str) -> list[str]:
