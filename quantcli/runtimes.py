@@ -26,18 +26,36 @@ class Verdict:
         return f"{'yes' if self.runs else 'no'}: {self.why}"
 
 
-def where_it_runs(config: QuantConfig, conv1d: bool = False) -> list[Verdict]:
+def where_it_runs(
+    config: QuantConfig, conv1d: bool = False, experts: bool = False
+) -> list[Verdict]:
     """Whether quantcli, transformers, vLLM on GPUs and vLLM on CPUs run `config`'s output.
 
     `conv1d`: the model's quantized layers include GPT-2-style Conv1D, which only quantcli
-    can quantize.
+    can quantize. `experts`: it holds quantized mixture-of-experts matrices.
     """
+    cpu = _vllm(config, conv1d, gpu=False)
+    if experts and cpu.runs:
+        cpu = _vllm_experts(config)
     return [
         Verdict("quantcli", True, "CPU and CUDA, every scheme (tested)"),
         _transformers(config, conv1d),
         _vllm(config, conv1d, gpu=True),
-        _vllm(config, conv1d, gpu=False),
+        cpu,
     ]
+
+
+def _vllm_experts(config: QuantConfig) -> Verdict:
+    """vLLM 0.32 for CPU runs quantized experts with one kernel (CPUExpertsInt4, AMX CPUs):
+    symmetric int4 in groups other than 32 (make test-vllm, tiny Mixtral)."""
+    name = "vLLM (CPU)"
+    if config.symmetric and config.bits == 4 and config.group_size not in (None, 32):
+        return Verdict(name, True, "experts on its AMX MoE kernel, same tokens (make test-vllm)")
+    return Verdict(
+        name,
+        False,
+        "its CPU MoE kernel takes symmetric int4 in groups other than 32 only (make test-vllm)",
+    )
 
 
 def _transformers(config: QuantConfig, conv1d: bool) -> Verdict:
@@ -93,7 +111,11 @@ def _vllm(config: QuantConfig, conv1d: bool, gpu: bool) -> Verdict:
 def checkpoint_runtimes(config: QuantConfig, metadata: dict[str, str]) -> list[Verdict]:
     """`where_it_runs` for a written checkpoint (quantcli records whether it quantized
     Conv1D layers; other writers never do)."""
-    return where_it_runs(config, metadata.get("quantized_conv1d") == "true")
+    return where_it_runs(
+        config,
+        metadata.get("quantized_conv1d") == "true",
+        metadata.get("quantized_experts") == "true",
+    )
 
 
 def vllm_warning(config: QuantConfig, conv1d: bool = False) -> str | None:

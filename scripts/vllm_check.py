@@ -66,10 +66,20 @@ SCHEMES = {  # label: `quantcli quantize` options
         "--quantize-embeddings",
     ],
 }
+# a random-weight Mixtral (8 experts, top-2) with SmolLM2's vocabulary and tokenizer: does
+# vLLM serve quantcli's per-expert tensors? (random weights: a check of the format, and of
+# equal tokens where logits are not near-ties; quality is measured on SmolLM2)
+MOE_SCHEMES = {
+    "tiny Mixtral int4 sym g64": ["--bits", "4", "--scheme", "sym", "--group-size", "64"],
+    "tiny Mixtral int4 asym g32": ["--bits", "4"],
+}
 # refusals that runtimes.py reports; a change here fails the check, so the verdict gets updated
 KNOWN_REFUSALS = {
     # vLLM ties the head by reading embed_tokens.weight, which a quantized table lacks
     "int4 sym g64, --quantize-embeddings": "'VocabParallelEmbedding' object has no attribute",
+    # vLLM 0.32's CPU MoE kernel (CPUExpertsInt4, AMX) takes symmetric int4 with groups other
+    # than 32 only (its QuantKey kInt4Static; zero points and g32 have other keys)
+    "tiny Mixtral int4 asym g32": "No WNA16 MoE backend supports the deployment configuration",
 }
 CHAT = "What is the capital of France? Answer in one sentence."
 TEXT = "The three most important inventions of the nineteenth century were"
@@ -82,6 +92,30 @@ def prompt_ids(folder: Path) -> list[list[int]]:
         [{"role": "user", "content": CHAT}], add_generation_prompt=True, return_dict=True
     )["input_ids"]
     return [list(chat), tokenizer(TEXT)["input_ids"]]
+
+
+def tiny_mixtral(smollm2: Path, out: Path) -> Path:
+    """A seeded random Mixtral with SmolLM2's vocabulary and tokenizer files."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=AutoTokenizer.from_pretrained(smollm2).vocab_size,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (smollm2 / name).exists():
+            shutil.copyfile(smollm2 / name, out / name)
+    return out
 
 
 def quantize(model: Path, out: Path, options: list[str]) -> None:
@@ -246,6 +280,13 @@ def main() -> None:
         folders[label] = args.work / label.replace(" ", "-")
         console.print(f"quantcli quantize {model.name} {' '.join(options)}".strip())
         quantize(model, folders[label], options)
+    moe_labels = [label for label in MOE_SCHEMES if not args.schemes or label in args.schemes]
+    if moe_labels:
+        mixtral = tiny_mixtral(model, args.work / "tiny-mixtral-float")
+    for label in moe_labels:
+        folders[label] = args.work / label.replace(" ", "-")
+        console.print(f"quantcli quantize tiny-mixtral {' '.join(MOE_SCHEMES[label])}")
+        quantize(mixtral, folders[label], MOE_SCHEMES[label])
     for item in args.folder:
         label, _, path = item.partition("=")
         folders[label] = Path(path)

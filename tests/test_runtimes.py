@@ -49,6 +49,23 @@ def test_vllm_verdicts(config, gpu, cpu):
     assert (runs["vLLM (GPU)"], runs["vLLM (CPU)"]) == (gpu, cpu)
 
 
+@pytest.mark.parametrize(
+    ("config", "cpu"),
+    [
+        # make test-vllm, tiny Mixtral: int4 sym g64 gives quantcli's tokens; asym g32 has no
+        # CPU MoE kernel ("No WNA16 MoE backend supports the deployment configuration")
+        (QuantConfig(bits=4, scheme="sym", group_size=64), True),
+        (QuantConfig(bits=4, scheme="sym", group_size=32), False),
+        (QuantConfig(bits=4), False),
+        (QuantConfig(bits=8), False),  # no dense CPU kernel either
+    ],
+    ids=lambda value: value.label if isinstance(value, QuantConfig) else None,
+)
+def test_vllm_cpu_verdicts_for_experts(config, cpu):
+    verdict = {v.runtime: v for v in where_it_runs(config, experts=True)}["vLLM (CPU)"]
+    assert verdict.runs == cpu
+
+
 def test_quantized_embeddings_run_in_quantcli_only():
     """test_tied_heads pins transformers' refusal; make test-vllm (docs/generated/vllm-cpu.md)
     measured vLLM's on SmolLM2, whose head is tied to the table."""

@@ -233,6 +233,7 @@ def quantize_checkpoint(
         metadata["source_license"] = card_license(source.folder) or ""
         metadata["quantcli_command"] = command or ""
         metadata["quantized_conv1d"] = "true" if conv1d else "false"
+        metadata["quantized_experts"] = "true" if experts else "false"
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
