@@ -35,11 +35,20 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
     """Which linear layers `config` quantizes, and why it keeps the others, without changes."""
     report = ReplacementReport()
     heads = output_head_names(model)
+    direct = {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
     for name, module in model.named_modules():
         weight = linear_weight(module)
         if weight is None:
             continue
         reason = _skip_reason(name, config, heads)
+        if reason is None and name in direct:
+            # its parent multiplies by `out_proj.weight` itself: the layer's forward never runs
+            reason = "inside nn.MultiheadAttention, which reads the float weight directly"
         in_features, group_size = weight.shape[1], config.group_size
         if reason is None and config.granularity is Granularity.GROUP and in_features % group_size:
             reason = f"in_features={in_features} is not a multiple of group_size={group_size}"
@@ -81,11 +90,10 @@ def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head: ``get_output_embeddings()``, or a linear tied to the input
     embeddings. Kept in float by default: it is the layer most sensitive to quantization."""
     heads: list[nn.Module] = []
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output) and get_output() is not None:
-        heads.append(get_output())
-    get_input = getattr(model, "get_input_embeddings", None)
-    embeddings = get_input() if callable(get_input) else None
+    output = _embeddings(model, "get_output_embeddings")
+    if output is not None:
+        heads.append(output)
+    embeddings = _embeddings(model, "get_input_embeddings")
     embedding_weight = getattr(embeddings, "weight", None)
     names = set()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -93,6 +101,18 @@ def output_head_names(model: nn.Module) -> set[str]:
         if any(module is head for head in heads) or (tied and module is not embeddings):
             names.add(name)
     return names
+
+
+def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` or ``get_output_embeddings()``; None for a model
+    that has none (transformers raises NotImplementedError for vision and audio models)."""
+    method = getattr(model, getter, None)
+    if not callable(method):
+        return None
+    try:
+        return method()
+    except NotImplementedError:
+        return None
 
 
 def _skip_reason(name: str, config: QuantConfig, heads: set[str]) -> str | None:
