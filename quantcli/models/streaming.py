@@ -331,6 +331,13 @@ def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, Tensor
     unexpected = sorted(key for key in tensors if rename[key] not in expected)
     dropped = {key for key in unexpected if any(re.search(p, key) for p in ignored)}
     unexpected = [key for key in unexpected if key not in dropped]
+    if unexpected and _converted_on_load(skeleton, unexpected, expected):
+        model_type = getattr(skeleton.config, "model_type", type(skeleton).__name__)
+        raise CheckpointError(
+            f"{model_type}: transformers renames this family's checkpoint keys when loading "
+            f"('{unexpected[0]}' is no key of {type(skeleton).__name__}), and quantcli does "
+            "not apply key renames yet."
+        )
     if unexpected:
         raise CheckpointError(
             f"the checkpoint holds tensor '{unexpected[0]}'{_more(unexpected)}, which "
@@ -349,6 +356,23 @@ def _check_tensor_names(skeleton, tensors, rename, expected) -> dict[str, Tensor
             "needs: the files are incomplete or do not match config.json."
         )
     return {key: info for key, info in tensors.items() if key not in dropped}
+
+
+def _converted_on_load(skeleton, unexpected: list[str], expected) -> bool:
+    """Whether transformers maps stored keys to other model keys for this model (a
+    conversion registered for its class or family, or the legacy LayerNorm ``gamma`` and
+    ``beta``): unexpected keys are then its doing, not a config that disagrees."""
+    legacy = {"gamma": "weight", "beta": "bias"}
+    for key in unexpected:
+        stem, _, leaf = key.rpartition(".")
+        if leaf in legacy and any(k.endswith(f"{stem}.{legacy[leaf]}") for k in expected):
+            return True
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        return bool(get_model_conversion_mapping(skeleton, add_legacy=False))
+    except Exception:  # noqa: BLE001 - an older transformers without the mapping: no renames
+        return False
 
 
 def _ignore_patterns(skeleton, attribute: str) -> list[str]:
