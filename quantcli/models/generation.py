@@ -174,7 +174,9 @@ def generate_text(
         max_new_tokens = min(max_new_tokens, context - kept)
     if seed is not None:
         torch.manual_seed(seed)
-    options = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+    # one beam: what --greedy and --do-sample mean, and what streaming takes (FSMT's
+    # generation_config asks for beam search, which refuses a streamer: exit 1)
+    options = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_beams": 1}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p, top_k=top_k)
     else:  # greedy: no sampling settings, so generation_config defaults do not warn
