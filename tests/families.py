@@ -289,24 +289,28 @@ def prepare(family: Family, root: Path):
     try:
         config = tiny_config(family)
     except Exception as error:  # noqa: BLE001 - the family's own config refuses tiny sizes
-        return None, f"skipped: tiny config does not build ({type(error).__name__})"
+        return None, f"skipped: tiny config does not build ({_why(error)})"
     if is_moe(config):
         return None, "skipped: MoE: other branch"
     try:
         model = build(family)
     except Exception as error:  # noqa: BLE001
-        return None, f"skipped: tiny model does not build ({type(error).__name__})"
+        return None, f"skipped: tiny model does not build ({_why(error)})"
     if any(name.endswith("experts") for name, _ in model.named_modules()):
         return None, "skipped: MoE: other branch"
     try:
         logits(model, sample_inputs(model))
     except Exception as error:  # noqa: BLE001 - the float model itself: a config to fix here
-        return None, f"skipped: tiny float model does not run ({type(error).__name__})"
+        return None, f"skipped: tiny float model does not run ({_why(error)})"
     folder = root / family.model_type.replace("/", "_") / "src"
     model.save_pretrained(folder)
     if model.main_input_name in ("input_ids", "inputs"):
         char_tokenizer().save_pretrained(folder)
     return model, folder
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {one_line(error)[:100]}"
 
 
 def run(family: Family, model, folder: Path, scheme: str) -> Outcome:
