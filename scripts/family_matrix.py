@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import re
 import sys
 import tempfile
 import time
@@ -126,11 +127,20 @@ def status(outcome) -> str:
     return text
 
 
+def hf_failures(rows) -> collections.Counter:
+    """transformers' loading failures and differences by kind, counted once per family."""
+    kinds: dict[str, str] = {}
+    for family, _, _, hf, _ in rows:
+        if hf.startswith(("no", "loads")):
+            kinds.setdefault(family.model_type, re.sub(r" by [\d.e-]+$", "", hf))
+    return collections.Counter(kinds.values())
+
+
 def render(rows, seconds: float) -> str:
     families = collections.OrderedDict()
     for family, scheme, outcome, hf, generated in rows:
         families.setdefault(family.model_type, []).append((family, scheme, outcome, hf, generated))
-    counts = collections.Counter()
+    counts = collections.Counter({"failing": 0})
     for entries in families.values():
         family, scheme, outcome, *_ = entries[0]
         if scheme is None:
@@ -181,6 +191,12 @@ def render(rows, seconds: float) -> str:
         "| scheme | outcome | count |",
         "|---|---|---|",
         *[f"| {scheme} | {what} | {n} |" for (scheme, what), n in sorted(scheme_counts.items())],
+        "",
+        "transformers' own loader, where it fails (families, both schemes alike):",
+        "",
+        "| reason | families |",
+        "|---|---|",
+        *[f"| {reason} | {n} |" for reason, n in hf_failures(rows).most_common()],
         "",
         "| family | task | scheme | quantcli load | transformers load | generate |",
         "|---|---|---|---|---|---|",
