@@ -214,3 +214,16 @@ def test_linears_whose_weight_the_model_reads_itself_stay_float(model_type, laye
         model = F.build(BY_TYPE[model_type])
     report = plan_replacement(model, QuantConfig(bits=8))
     assert report.skipped[layer] == f"{reader} reads its float weight directly"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind"), [("siglip", "images"), ("whisper", "audio features")]
+)
+def test_eval_refuses_models_that_take_no_text(model_type, kind, quantized, monkeypatch, capsys):
+    """On main: exit 4 "no usable tokenizer" (SigLIP) or exit 2 "the text has fewer than 2
+    tokens" (Whisper), neither the reason. Now the same line as generate's, exit 2."""
+    _, src, out = quantized(model_type)
+    result = run_main(monkeypatch, capsys, "eval", out, "--baseline", src)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"takes {kind}, not a text prompt: eval works with text models only" in line

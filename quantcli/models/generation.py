@@ -218,7 +218,13 @@ def generate_text(
 
 def check_generates_text(model: nn.Module) -> None:
     """Refuse, in one line, a model that takes no text (images, audio) or writes none."""
-    name = type(model).__name__
+    check_takes_text(model, "generate")
+    if not getattr(model, "can_generate", lambda: False)():
+        raise UsageError(f"{type(model).__name__} does not generate text (not a language model).")
+
+
+def check_takes_text(model: nn.Module, command: str) -> None:
+    """Refuse, in one line, a model whose input is not token ids (images, audio)."""
     reads = getattr(model, "main_input_name", "input_ids")
     if reads != "input_ids":
         kind = {
@@ -227,10 +233,9 @@ def check_generates_text(model: nn.Module) -> None:
             "input_features": "audio features",
         }.get(reads, reads)
         raise UsageError(
-            f"{name} takes {kind}, not a text prompt: generate works with text models only."
+            f"{type(model).__name__} takes {kind}, not a text prompt: {command} works with "
+            "text models only."
         )
-    if not getattr(model, "can_generate", lambda: False)():
-        raise UsageError(f"{name} does not generate text (not a language model).")
 
 
 def compile_options(device: str) -> dict:
