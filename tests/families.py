@@ -108,6 +108,10 @@ OVERRIDES: dict[str, dict] = {
     # rotary dimensions of their own, larger than a tiny head
     "codegen": {"rotary_dim": 8},
     "gptj": {"rotary_dim": 8},
+    # relations their configs check
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "mamba2": {"num_heads": 8, "n_groups": 1, "state_size": 16, "chunk_size": 16},
+    "xmod": {"default_language": "en_XX"},
     # convolutional stages: widths and depths as lists
     "convnext": {"hidden_sizes": [16, 32, 32, 64], "depths": [1, 1, 1, 1]},
     "convnextv2": {"hidden_sizes": [16, 32, 32, 64], "depths": [1, 1, 1, 1]},
