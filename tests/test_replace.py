@@ -167,3 +167,29 @@ def test_plain_pytorch_models_work_too():
     x = torch.randn(5, 32)
     with torch.no_grad():
         assert relative_error(model(x), reference(x)) < 0.01
+
+
+def test_models_without_input_embeddings_are_walked():
+    """Found by the family matrix: vision and audio models raise NotImplementedError from
+    get_input_embeddings(), which crashed quantize (exit 1) for 20 families."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    config = ConvNextConfig(hidden_sizes=[16, 32, 32, 64], depths=[1, 1, 1, 1], num_labels=4)
+    model = ConvNextForImageClassification(config).eval()
+    with pytest.raises(NotImplementedError):
+        model.get_input_embeddings()
+    report = replace_linear_layers(model, QuantConfig(bits=8))
+    assert "classifier" in report.replaced
+    assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 4)
+
+
+def test_linears_that_multihead_attention_reads_directly_stay_float():
+    """Found by the family matrix (SigLIP's pooling head): nn.MultiheadAttention multiplies
+    by ``out_proj.weight`` itself, so a quantized out_proj gave int8 @ float (exit 1)."""
+    model = nn.Sequential(nn.Linear(32, 32))
+    model.add_module("attn", nn.MultiheadAttention(32, 4, batch_first=True))
+    report = replace_linear_layers(model, QuantConfig(bits=8))
+    assert report.replaced == ["0"]
+    assert report.skipped == {"attn.out_proj": "MultiheadAttention reads its float weight directly"}
+    x = torch.randn(1, 5, 32)
+    assert model.attn(x, x, x)[0].shape == (1, 5, 32)

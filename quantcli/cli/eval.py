@@ -31,7 +31,7 @@ from quantcli.cli.output import (
 from quantcli.cli.process import use_threads
 from quantcli.errors import NotFoundError, UsageError, first_line
 from quantcli.models.evaluation import default_text, evaluate, save_result
-from quantcli.models.generation import load_tokenizer
+from quantcli.models.generation import check_takes_text, load_tokenizer
 from quantcli.models.loading import load_any, summarize_folder
 from quantcli.models.source import expand_model_folders, resolve_model
 from quantcli.plots import check_plot_path, plot_evaluations
@@ -164,6 +164,7 @@ def evaluate_command(
         if baselines.get(baseline_name) is None:
             baseline_name = None
         scored = load_any(source, device, activation_dtype, trust_remote_code)
+        check_takes_text(scored, "eval")  # before the tokenizer, which an image model lacks
         with progress_bar(disable=json_output) as progress:
             task = progress.add_task(f"Scoring {model}", total=None)
             result = evaluate(

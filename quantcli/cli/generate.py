@@ -30,7 +30,12 @@ from quantcli.cli.output import (
 )
 from quantcli.cli.process import use_threads
 from quantcli.errors import UsageError
-from quantcli.models.generation import generate_text, load_tokenizer, uses_chat
+from quantcli.models.generation import (
+    check_generates_text,
+    generate_text,
+    load_tokenizer,
+    uses_chat,
+)
 from quantcli.models.loading import load_any
 from quantcli.models.source import resolve_model
 
@@ -105,6 +110,7 @@ def generate(
     threads = use_threads(threads)
     source = resolve_model(model, revision, token)
     loaded = load_any(source, device, run_dtype(dtype), trust_remote_code)
+    check_generates_text(loaded)  # before the tokenizer, which an image model lacks
     activations = next(iter(loaded.parameters())).dtype
     tokenizer = load_tokenizer(source.folder)
     for warning in _ignored_options(ctx, do_sample, uses_chat(tokenizer, chat)):

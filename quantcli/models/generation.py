@@ -138,8 +138,7 @@ def generate_text(
     """
     if not prompt.strip():
         raise UsageError("the prompt is empty: pass some text, or - to read it from stdin.")
-    if not getattr(model, "can_generate", lambda: False)():
-        raise UsageError(f"{type(model).__name__} does not generate text (not a language model).")
+    check_generates_text(model)
     if max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1.")
     use_chat = uses_chat(tokenizer, chat)
@@ -163,15 +162,21 @@ def generate_text(
             )
         raise UsageError("the prompt gives no tokens with this tokenizer: pass some text.")
     context = context_length(model)
+    # an encoder-decoder reads the prompt in its encoder; its output starts with the decoder's
+    # start token and holds the new tokens only (a decoder-only one continues the prompt)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    kept = 1 if encoder_decoder else prompt_tokens
     if context is not None:
-        if prompt_tokens >= context:
+        if prompt_tokens > context or (prompt_tokens == context and not encoder_decoder):
             raise UsageError(
                 f"the prompt has {prompt_tokens} tokens; the model reads at most {context}."
             )
-        max_new_tokens = min(max_new_tokens, context - prompt_tokens)
+        max_new_tokens = min(max_new_tokens, context - kept)
     if seed is not None:
         torch.manual_seed(seed)
-    options = {"do_sample": do_sample, "max_new_tokens": max_new_tokens}
+    # one beam: what --greedy and --do-sample mean, and what streaming takes (FSMT's
+    # generation_config asks for beam search, which refuses a streamer: exit 1)
+    options = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "num_beams": 1}
     if do_sample:
         options.update(temperature=temperature, top_p=top_p, top_k=top_k)
     else:  # greedy: no sampling settings, so generation_config defaults do not warn
@@ -197,7 +202,7 @@ def generate_text(
     with torch.no_grad():
         output = model.generate(**inputs, **options, streamer=clock)
     finished = time.perf_counter()
-    new = output[0, prompt_tokens:]
+    new = output[0, kept:]
     text = tokenizer.decode(new, skip_special_tokens=True)
     first = (clock.first_token_at or finished) - started
     return GenerationResult(
@@ -209,6 +214,28 @@ def generate_text(
         first,
         compile_seconds,
     )
+
+
+def check_generates_text(model: nn.Module) -> None:
+    """Refuse, in one line, a model that takes no text (images, audio) or writes none."""
+    check_takes_text(model, "generate")
+    if not getattr(model, "can_generate", lambda: False)():
+        raise UsageError(f"{type(model).__name__} does not generate text (not a language model).")
+
+
+def check_takes_text(model: nn.Module, command: str) -> None:
+    """Refuse, in one line, a model whose input is not token ids (images, audio)."""
+    reads = getattr(model, "main_input_name", "input_ids")
+    if reads != "input_ids":
+        kind = {
+            "pixel_values": "images",
+            "input_values": "audio",
+            "input_features": "audio features",
+        }.get(reads, reads)
+        raise UsageError(
+            f"{type(model).__name__} takes {kind}, not a text prompt: {command} works with "
+            "text models only."
+        )
 
 
 def compile_options(device: str) -> dict:

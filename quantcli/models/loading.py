@@ -9,6 +9,7 @@ modules. Peak memory is about the size of the quantized checkpoint.
 
 from __future__ import annotations
 
+import re
 import resource
 import time
 from dataclasses import dataclass, replace
@@ -96,11 +97,12 @@ def load_quantized(
         for key, tensor in model.state_dict().items()
         if key.rpartition(".")[0] not in quantized_experts
     }
+    unsaved = _unsaved_keys(model, expected)
     names, pieces = _route(tensors, layout, expected)
     _check_against_skeleton(
         {names[key]: info for key, info in tensors.items() if key in names},
         expected,
-        _tied_keys(model, expected) | _stacked_keys(pieces),
+        _tied_keys(model, expected) | _stacked_keys(pieces) | unsaved,
     )
 
     # one module at a time, so that a layer's file tensors are freed once it has taken them
@@ -119,6 +121,7 @@ def load_quantized(
     _load_pieces(model, pieces, quantized_experts, dtype, device)
     if report.shared_head is None:  # a head on a quantized table was tied when replaced
         model.tie_weights()
+    _compute_unsaved(model, unsaved, device, dtype)
     still_empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_empty:
         raise CheckpointError(
@@ -186,6 +189,28 @@ def _tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
         seen.setdefault(id(tensor), name)
     tied.update(getattr(model, "all_tied_weights_keys", {}) or {})
     return tied
+
+
+def _unsaved_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
+    """Parameters transformers never writes (``_keys_to_ignore_on_save``: Marian's
+    sinusoidal positions): the model computes them, so checkpoints lack them."""
+    patterns = list(getattr(model, "_keys_to_ignore_on_save", None) or [])
+    return {name for name in expected if any(re.search(p, name) for p in patterns)}
+
+
+def _compute_unsaved(model: nn.Module, names: set[str], device, dtype) -> None:
+    """Give the parameters of `_unsaved_keys` their values, as the model's own
+    initialisation computes them (``_init_weights`` of the module that holds them)."""
+    for name in sorted(names):
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if not getattr(module, leaf).is_meta:
+            continue
+        module.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            model._init_weights(module)
+            if dtype is not None:
+                module.to(dtype)
 
 
 def assign_state(module: nn.Module, name: str, state: dict, strict: bool = False) -> None:
@@ -370,10 +395,8 @@ def _check_against_skeleton(tensors, expected, tied) -> None:
 def sanity_forward(model: nn.Module) -> str:
     """Run one short forward pass; say what came out, or raise if it is not finite."""
     device = next(iter(model.buffers()), torch.empty(0)).device
-    ids = torch.arange(1, 9, device=device).unsqueeze(0)
-    inputs = {"input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = ids[:, :4]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    inputs = probe_inputs(model, device, dtype)
     with torch.no_grad():
         output = model(**inputs)
     logits = getattr(output, "logits", None)
@@ -381,7 +404,47 @@ def sanity_forward(model: nn.Module) -> str:
         logits = output[0]
     if not torch.isfinite(logits).all():
         raise CheckpointError("the loaded model produced NaN or Inf on a test input.")
-    return f"ok: {tuple(ids.shape)} tokens -> {tuple(logits.shape)} finite outputs"
+    name = model.main_input_name
+    shape = tuple(inputs[name].shape)
+    what = "tokens" if name == "input_ids" else name
+    return f"ok: {shape} {what} -> {tuple(logits.shape)} finite outputs"
+
+
+def probe_inputs(model: nn.Module, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """A small input of the kind the model reads (its ``main_input_name``): token ids,
+    an image, a waveform or audio features (Whisper's, or frames of mel bins)."""
+    config = model.config
+    name = getattr(model, "main_input_name", "input_ids")
+    generator = torch.Generator().manual_seed(0)
+    inputs: dict[str, torch.Tensor] = {}
+    if name == "pixel_values":
+        vision = getattr(config, "vision_config", None) or config
+        size = getattr(vision, "image_size", 224)
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        channels = getattr(vision, "num_channels", 3)
+        inputs[name] = torch.randn(1, channels, height, width, generator=generator)
+    elif name == "input_values":
+        inputs[name] = torch.randn(1, 16000, generator=generator)  # a second at 16 kHz
+    elif name == "input_features":
+        bins = getattr(config, "num_mel_bins", 80)
+        source = getattr(config, "max_source_positions", None)
+        if getattr(config, "is_encoder_decoder", False) and isinstance(source, int):
+            # Whisper: mel bins first, then twice the encoder's positions (two strided convs)
+            inputs[name] = torch.randn(1, bins, 2 * source, generator=generator)
+        else:
+            inputs[name] = torch.randn(
+                1, getattr(config, "max_length", 64), bins, generator=generator
+            )
+    else:
+        inputs[name] = torch.arange(1, 9).unsqueeze(0)
+    if getattr(config, "is_encoder_decoder", False):
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if isinstance(start, int) else 0
+        inputs["decoder_input_ids"] = torch.tensor([[start, 1, 2, 3]])
+    return {
+        key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        for key, value in inputs.items()
+    }
 
 
 def load(

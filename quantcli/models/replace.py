@@ -40,11 +40,19 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
     heads = output_head_names(model)
     if config.quantize_embeddings:
         report.embeddings, report.shared_head = _embeddings_to_quantize(model, heads)
+    direct = _weights_read_directly(model)
+    tied = _tied_elsewhere(model)
     for name, module in model.named_modules():
         weight = linear_weight(module)
         if weight is None or name == report.shared_head:
             continue
         reason = _skip_reason(name, config, heads)
+        if reason is None and name not in heads and f"{name}.weight" in tied:
+            # quantizing it would untie it; the checkpoint holds the weight once, elsewhere
+            reason = f"weight tied to {tied[f'{name}.weight']} (kept in float)"
+        if reason is None and name in direct:
+            # an enclosing module multiplies by (or rescales) `<layer>.weight` itself
+            reason = f"{direct[name]} reads its float weight directly"
         in_features, group_size = weight.shape[1], config.group_size
         if reason is None and _misfit(in_features, config):
             reason = f"in_features={in_features} is not a multiple of group_size={group_size}"
@@ -73,8 +81,7 @@ def _embeddings_to_quantize(model: nn.Module, heads: set[str]) -> tuple[str, str
     ``nn.Embedding`` (Gemma's scales its rows in `forward`), or a table tied to other
     modules than the head (T5's encoder and decoder share theirs).
     """
-    get_input = getattr(model, "get_input_embeddings", None)
-    embeddings = get_input() if callable(get_input) else None
+    embeddings = _embeddings(model, "get_input_embeddings")
     if type(embeddings) is not nn.Embedding:
         kind = type(embeddings).__name__ if embeddings is not None else "not found"
         raise UsageError(
@@ -145,11 +152,10 @@ def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head: ``get_output_embeddings()``, or a linear tied to the input
     embeddings. Kept in float by default: it is the layer most sensitive to quantization."""
     heads: list[nn.Module] = []
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output) and get_output() is not None:
-        heads.append(get_output())
-    get_input = getattr(model, "get_input_embeddings", None)
-    embeddings = get_input() if callable(get_input) else None
+    output = _embeddings(model, "get_output_embeddings")
+    if output is not None:
+        heads.append(output)
+    embeddings = _embeddings(model, "get_input_embeddings")
     embedding_weight = getattr(embeddings, "weight", None)
     names = set()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -157,6 +163,92 @@ def output_head_names(model: nn.Module) -> set[str]:
         if any(module is head for head in heads) or (tied and module is not embeddings):
             names.add(name)
     return names
+
+
+def _weights_read_directly(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose weight an enclosing module's code uses itself (``self.out_proj
+    .weight`` in nn.MultiheadAttention, ``self.dense.weight`` in MobileBERT's head, WavLM's
+    attention, RWKV's rescaling): a `QuantLinear` there would hand it integers. Each is
+    mapped to the class that reads it. Found by reading the classes' methods (initialisation
+    and weight tying apart) for ``self.<path>.weight`` (that exact submodule) or
+    ``<name>.<path>.weight`` (any submodule ending in that path), even on a branch this
+    configuration does not take: kept in float, the layer is right on every branch."""
+    found: dict[str, str] = {}
+    for owner, module in model.named_modules():
+        exact, anywhere = _paths_read(type(module))
+        if not exact and not anywhere:
+            continue
+        prefix = f"{owner}." if owner else ""
+        for name, child in module.named_modules():
+            if not name or linear_weight(child) is None:
+                continue
+            if name in exact or any(name == p or name.endswith(f".{p}") for p in anywhere):
+                found.setdefault(prefix + name, type(module).__name__)
+    return found
+
+
+#: ``<receiver>.<path>.weight`` used as a tensor: not only its dtype, device or shape looked
+#: at (T5 checks ``self.wo.weight.dtype``), nor an isinstance test
+_READ = re.compile(
+    r"(?<!isinstance\()\b(\w+)\.([A-Za-z_][\w.]*?)\.weight\b"
+    r"(?!_|\.(?:dtype|device|shape|size|ndim|is_\w+|requires_grad)\b)"
+)
+_paths_cache: dict[type, tuple[frozenset[str], frozenset[str]]] = {}
+_SKIPPED_MODULES = (
+    "torch.nn.modules.module",
+    "builtins",
+    "transformers.modeling_utils",
+    "transformers.generation.utils",
+    "transformers.pytorch_utils",
+)
+
+
+def _paths_read(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """Submodule paths whose ``.weight`` the class's own methods use: through ``self``, and
+    through any other name."""
+    if cls not in _paths_cache:
+        import inspect
+
+        exact: set[str] = set()
+        anywhere: set[str] = set()
+        for klass in cls.__mro__:
+            if klass.__module__ in _SKIPPED_MODULES:
+                continue
+            for attribute, function in vars(klass).items():
+                if not inspect.isfunction(function) or "init" in attribute or "tie" in attribute:
+                    continue
+                try:
+                    source = inspect.getsource(function)
+                except (OSError, TypeError):
+                    continue
+                for receiver, path in _READ.findall(source):
+                    (exact if receiver == "self" else anywhere).add(path)
+        _paths_cache[cls] = (frozenset(exact), frozenset(anywhere))
+    return _paths_cache[cls]
+
+
+def _tied_elsewhere(model: nn.Module) -> dict[str, str]:
+    """Parameter names whose tensor a module registered earlier also holds (LUKE's entity
+    head is its entity embeddings), each with that first name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        first.setdefault(id(param), name)
+    return tied
+
+
+def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.get_input_embeddings()`` or ``get_output_embeddings()``; None for a model
+    that has none (transformers raises NotImplementedError for vision and audio models)."""
+    method = getattr(model, getter, None)
+    if not callable(method):
+        return None
+    try:
+        return method()
+    except NotImplementedError:
+        return None
 
 
 def _skip_reason(name: str, config: QuantConfig, heads: set[str]) -> str | None:

@@ -110,7 +110,11 @@ def _model_class(config: PretrainedConfig, trust_remote_code: bool):
         if model_class is None:
             continue
         expected = getattr(model_class, "config_class", None)
-        if isinstance(expected, type) and not isinstance(config, expected):
+        if (
+            isinstance(expected, type)
+            and not isinstance(config, expected)
+            and name not in _auto_classes(config.model_type)
+        ):
             raise CheckpointError(
                 f"config.json: architectures names {name}, a '{expected.model_type}' model, "
                 f"but model_type is '{config.model_type}': fix one of them."
@@ -124,6 +128,20 @@ def _model_class(config: PretrainedConfig, trust_remote_code: bool):
         f"transformers {transformers.__version__} has no class {config.architectures[0]}: "
         "upgrade transformers, or pass --trust-remote-code if the model ships its own code."
     )
+
+
+def _auto_classes(model_type: str) -> set[str]:
+    """The classes transformers' auto mappings build for `model_type`: some families reuse
+    another's (``exaone``, ``internlm3``: ``LlamaForCausalLM``, its config class Llama's)."""
+    from transformers.models.auto import modeling_auto
+
+    names = set()
+    for attribute in dir(modeling_auto):
+        mapping = getattr(modeling_auto, attribute)
+        if attribute.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            value = mapping.get(model_type)
+            names.update([value] if isinstance(value, str) else value or [])
+    return names
 
 
 def _config_dtype(config: PretrainedConfig) -> torch.dtype:
