@@ -313,10 +313,10 @@ def run(family: Family, model, folder: Path, scheme: str) -> Outcome:
     from quantcli.errors import UsageError
     from quantcli.models.loading import load_quantized
     from quantcli.models.moe import plan_experts
-    from quantcli.nn.qexperts import QuantExperts
     from quantcli.models.replace import plan_replacement
     from quantcli.models.source import resolve_model
     from quantcli.models.streaming import quantize_checkpoint
+    from quantcli.nn.qexperts import QuantExperts
 
     config = QuantConfig(**SCHEMES[scheme])
     out = folder.parent / scheme
