@@ -3,7 +3,8 @@
 `make mutate` runs it. Each run works in a scratch copy (``.cache/mutation/LABEL``): the
 package, the tests (from the working tree, or from a git ref with ``--tests-from`` to
 measure an older suite against today's code) and pyproject.toml with a ``[tool.mutmut]``
-section written here, so the repository itself never holds mutants. mutmut is installed
+section written here, so the repository itself never holds mutants; the copy's
+tests/conftest.py keeps torch on one thread (`ONE_TORCH_THREAD`). mutmut is installed
 apart in ``.cache/mutmut`` (``make mutate`` does it) and put *after* the venv on sys.path,
 so it never changes which pytest or torch the tests run with.
 
@@ -70,6 +71,19 @@ LEFT_OUT_TESTS = [
     "tests/test_fast_paths.py::test_load_verbose_and_json_name_the_kernels",
     "tests/test_fast_paths.py::test_generate_json_reports_speed_and_dtype",
 ]
+#: Appended to the scratch copy's tests/conftest.py: torch computes on one thread. mutmut
+#: forks a process per mutant from one that ran the tests, and once a process has had an
+#: OpenMP pool of several threads, a fork of it hangs as soon as it asks for more than one;
+#: the in-process CLI tests ask for the cores (`--threads`' default), so every mutant they
+#: reached timed out.
+ONE_TORCH_THREAD = """
+
+@pytest.fixture(autouse=True)
+def _mutation_run_on_one_torch_thread(monkeypatch):  # written by scripts/mutation.py
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+"""
 KILLED = {1, 3}
 #: Why each surviving mutant may survive (equivalent or harmless), by mutmut's name.
 REASONS = ROOT / "scripts" / "mutation_survivors.json"
@@ -132,6 +146,8 @@ def prepare(work: Path, options) -> None:
         shutil.copytree(
             ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__")
         )
+    with open(work / "tests" / "conftest.py", "a") as conftest:
+        conftest.write(ONE_TORCH_THREAD)
     tests = [t for t in options.tests if (work / t).is_file()]
     options.tests = tests
     config = {
