@@ -1,7 +1,7 @@
 """Every kernel agrees with the float32 reference within the activation dtype's precision,
 and the dispatch never sends a call to a kernel known to crash."""
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -240,6 +240,7 @@ def test_other_devices_dequantize(device):
 @pytest.mark.parametrize(
     ("shape", "expected"),
     [
+        ((96,), "int8pack"),  # one token, as F.linear takes it
         ((1, 1, 96), "int8pack"),
         ((4, 7, 96), "int8pack"),  # 28 tokens: still decode-sized
         ((4, 8, 96), "fp32-dequant"),  # 32 tokens in all: prefill, whatever the batch
@@ -303,28 +304,39 @@ def test_prepare_kernels_makes_the_int4_layouts_decode_will_use_and_nothing_else
     assert reused[0] is packed and reused[1] is scales
 
 
+def in_a_new_thread(function):
+    """`function()` run in a fresh thread, whose workspace starts empty (earlier tests
+    leave theirs in this one)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(function).result()
+
+
 def test_fp32_dequant_writes_into_one_reused_workspace_per_thread():
     """The dequantized weight goes into the thread's float32 buffer, which grows to the
     largest layer and is reused (a fresh one per call costs more in page faults than the
     dequantization); results stay exact whatever the order of the layers."""
-    big = layer(QuantConfig(bits=8, scheme="asym"), 96, 48)
     small = layer(QuantConfig(bits=4, granularity="channel"), 64, 16)
+    big = layer(QuantConfig(bits=8, scheme="asym"), 96, 48)
     x_big, x_small = torch.randn(40, 96), torch.randn(40, 64)
-    assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
-    buffer = _workspace(big, torch.device("cpu"))
-    assert buffer.shape == (48, 96) and torch.equal(buffer, big.dequantize_weight(torch.float32))
-    assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
-    smaller = _workspace(small, torch.device("cpu"))
-    assert smaller.shape == (16, 64) and smaller.data_ptr() == buffer.data_ptr()
-    assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
-    assert _workspace(big, torch.device("cpu")).data_ptr() == buffer.data_ptr()
-    elsewhere = []
-    thread = threading.Thread(
-        target=lambda: elsewhere.append(_workspace(big, torch.device("cpu")).data_ptr())
-    )
-    thread.start()
-    thread.join()
-    assert elsewhere[0] != buffer.data_ptr()
+    cpu = torch.device("cpu")
+
+    def run():
+        assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
+        first = _workspace(small, cpu)
+        assert first.shape == (16, 64) and torch.equal(
+            first, small.dequantize_weight(torch.float32)
+        )
+        assert _workspace(small, cpu).data_ptr() == first.data_ptr()  # same size: kept
+        assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
+        grown = _workspace(big, cpu)  # a larger layer: a larger buffer
+        assert grown.shape == (48, 96) and torch.equal(grown, big.dequantize_weight(torch.float32))
+        assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
+        assert _workspace(small, cpu).data_ptr() == grown.data_ptr()  # the large one, reused
+        assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
+        assert _workspace(big, cpu).data_ptr() == grown.data_ptr()
+        return grown.data_ptr()
+
+    assert in_a_new_thread(run) != _workspace(big, cpu).data_ptr()  # each thread its own
 
 
 def test_fp32_dequant_returns_the_activation_dtype():
@@ -333,3 +345,12 @@ def test_fp32_dequant_returns_the_activation_dtype():
     out = fp32_dequant(q, x)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, reference(q, x).bfloat16())  # fp32 math, one rounding at the end
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_every_kernel_takes_a_single_token_as_a_1d_input(name):
+    q = layer(KERNEL_CONFIGS[name])
+    x = torch.randn(q.in_features).bfloat16()
+    out = KERNELS[name](q, x)
+    assert out.shape == (q.out_features,)
+    assert torch.equal(out, KERNELS[name](q, x[None])[0])
