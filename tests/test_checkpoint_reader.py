@@ -770,7 +770,10 @@ def test_the_clipping_search_is_read_from_quantcli_s_metadata(tmp_path, recorded
 
 def test_a_newer_format_is_refused_before_it_is_summarized(tmp_path):
     folder = quantized_folder(tmp_path, {"quantcli_version": "9", "quantcli_format_version": "3"})
-    with pytest.raises(CheckpointError, match="uses quantcli format version 3; this quantcli"):
+    message = (
+        f"{folder} uses quantcli format version 3; this quantcli reads up to 2: upgrade quantcli."
+    )
+    with pytest.raises(CheckpointError, match=exact(message)):
         summarize(folder, INT4_CONFIG)
 
 
@@ -858,6 +861,10 @@ def test_packed_layers_count_their_inputs_from_shapes(
         f"int{config.bits}",
         expected,
         expected[0] * expected[1],
+    )
+    # as `inspect --json` prints them: integers
+    assert json.dumps([layer.shape, layer.params]) == json.dumps(
+        [expected, expected[0] * expected[1]]
     )
 
 

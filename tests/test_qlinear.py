@@ -208,6 +208,7 @@ def test_the_bare_constructor_shapes_every_buffer_on_the_device_asked():
         "weight_zero_point": (torch.int8, (1,), "cpu"),
     }
     assert plain.bias is None and "bias" in plain._buffers  # registered, as nn.Linear does
+    assert plain.checkpoint_format == layer.checkpoint_format == "pack-quantized"
 
 
 def test_from_weight_on_meta_only_shapes_the_layer():
@@ -274,6 +275,8 @@ def test_keep_vars_returns_the_layer_s_own_tensors_as_torch_modules_do():
     kept = layer.state_dict(keep_vars=True)
     assert kept["bias"] is layer.bias and kept["weight_scale"] is layer.weight_scale
     assert layer.state_dict()["weight_scale"] is not layer.weight_scale  # detached copies
+    packed = QuantLinear.from_linear(linear, QuantConfig(bits=4))
+    assert packed.state_dict(keep_vars=True)["weight_packed"] is packed.weight_packed
 
 
 def test_an_int8_layer_saves_the_older_plain_layout_when_asked():
@@ -366,3 +369,54 @@ def test_a_meta_state_dict_loads_into_a_meta_layer_unchecked(name):
         skeleton = QuantLinear.from_linear(torch.nn.Linear(IN, OUT), CONFIGS[name])
     skeleton.load_state_dict(source.state_dict(), assign=True)
     assert all(b.is_meta for b in skeleton.buffers())
+
+
+@pytest.mark.parametrize(
+    ("config", "in_features", "out_features"),
+    [
+        (QuantConfig(bits=8, scheme="asym"), 98, 42),  # 98 % 4, 42 % 4: a word part empty
+        (QuantConfig(bits=4, granularity="channel"), 100, 40),  # 100 % 8
+        (QuantConfig(bits=4, granularity="channel", scheme="asym"), 100, 44),
+        (QuantConfig(bits=2, scheme="asym", granularity="channel"), 100, 24),  # 100 % 16
+    ],
+)
+def test_widths_that_leave_a_word_part_empty_round_trip(config, in_features, out_features):
+    """Packing pads the last int32 word; unpacking must cut the padding off again, for the
+    weights (along the inputs) and the zero points (along the outputs)."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features)
+    layer = QuantLinear.from_weight(weight, None, config)
+    qt = quantize(weight, config.bits, config.scheme, config.granularity, config.group_size)
+    assert torch.equal(layer.dequantize_weight(), qt.dequantize())
+    state = layer.state_dict()
+    assert state["weight_packed"].shape == (out_features, -(-in_features * config.bits // 32))
+    copy = QuantLinear(in_features, out_features, False, config)
+    copy.load_state_dict(state)
+    assert torch.equal(copy.dequantize_weight(), qt.dequantize())
+    x = torch.randn(3, in_features)
+    assert torch.equal(copy(x), F.linear(x, qt.dequantize()))
+
+
+def test_an_8bit_layer_takes_packed_words_without_weight_shape():
+    """``weight_shape`` is checked when a file has it; the layer knows its own shape."""
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=8))
+    state = layer.state_dict()
+    del state["weight_shape"]
+    copy = QuantLinear(IN, OUT, True, QuantConfig(bits=8))
+    copy.load_state_dict(state)
+    assert torch.equal(copy.weight, layer.weight)
+
+
+def test_the_clipping_search_setting_reaches_the_layer():
+    """``optimize`` changes the integers of a weight with outliers (the search clips
+    them); the layer holds what `quantize` makes with the same setting."""
+    torch.manual_seed(0)
+    weight = torch.randn(OUT, IN)
+    weight[::7, ::11] *= 12  # outliers: clipping them lowers the error of the rest
+    for optimize in (False, True):
+        config = QuantConfig(bits=4, granularity="channel", optimize=optimize)
+        layer = QuantLinear.from_weight(weight, None, config)
+        qt = quantize(weight, 4, config.scheme, config.granularity, None, optimize=optimize)
+        assert torch.equal(layer.dequantize_weight(), qt.dequantize())
+    plain = quantize(weight, 4, config.scheme, config.granularity, None)
+    assert not torch.equal(qt.dequantize(), plain.dequantize())
