@@ -634,6 +634,16 @@ def test_ignore_is_read_as_a_list_or_a_single_name():
     assert parse_quantization_config(raw)[0].exclude == ("lm_head", "re:.*gate")
 
 
+def test_a_group_without_targets_quantizes_every_linear():
+    """compressed-tensors requires targets; quantcli reads none as the class Linear (every
+    linear layer), so nothing is excluded."""
+    raw = raw_config()
+    del raw["config_groups"]["g"]["targets"]
+    config, _ = parse_quantization_config(raw)
+    assert config.exclude == ()
+    assert parse_quantization_config(raw_config(targets=[]))[0].exclude == ()
+
+
 MODULES = [
     "model.layers.0.self_attn.q_proj",
     "model.layers.0.self_attn.k_proj",
