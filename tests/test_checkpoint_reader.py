@@ -141,7 +141,7 @@ def test_an_empty_tensor_reads_back_with_its_shape_and_dtype(tmp_path):
 
 # --- ShardWriter, write_index, shard_name --------------------------------------------------
 
-#: Every dtype quantcli may write, with a value of it that is no zero byte pattern.
+#: Dtypes a shard may hold (integers, scales, float tensors kept as the source has them).
 WRITABLE = [
     torch.float64,
     torch.float32,
