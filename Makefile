@@ -85,7 +85,8 @@ figures: $(VENV)/.smollm2 $(VENV)/.docs
 	$(PY) scripts/docs_figures.py --cache $(CACHE)
 
 # Mutation testing of quantcli/tensor, quantcli/nn, checkpoint.py and config.py with the fast
-# tests (scripts/mutation.py): scores and surviving mutants in docs/generated/mutation.md.
+# tests and the in-process tests that write, load and refuse tiny checkpoints
+# (scripts/mutation.py): scores and surviving mutants in docs/generated/mutation.md.
 # mutmut lives apart in .cache/mutmut, after the venv on sys.path. Not in CI: it takes tens of
 # minutes on 2 cores. MUTATE_ARGS passes options, e.g. "--modules quantcli/tensor --minutes 25".
 MUTMUT := $(CACHE)/mutmut

@@ -3,7 +3,8 @@
 `make mutate` runs it. Each run works in a scratch copy (``.cache/mutation/LABEL``): the
 package, the tests (from the working tree, or from a git ref with ``--tests-from`` to
 measure an older suite against today's code) and pyproject.toml with a ``[tool.mutmut]``
-section written here, so the repository itself never holds mutants. mutmut is installed
+section written here, so the repository itself never holds mutants; the copy's
+tests/conftest.py keeps torch on one thread (`ONE_TORCH_THREAD`). mutmut is installed
 apart in ``.cache/mutmut`` (``make mutate`` does it) and put *after* the venv on sys.path,
 so it never changes which pytest or torch the tests run with.
 
@@ -29,8 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = ["quantcli/tensor", "quantcli/nn", "quantcli/checkpoint.py", "quantcli/config.py"]
-#: The fast tests: the math, the layers, the kernels, the file format's unit tests (no model
-#: downloads, no subprocesses): about a minute on 2 cores.
+#: The fast tests: the math, the layers, the kernels, the file format's unit tests, and the
+#: in-process tests that write, load and refuse whole tiny checkpoints (no model downloads,
+#: no subprocesses): a few minutes on 2 cores; each mutant runs only the tests reaching it.
 FAST_TESTS = [
     "tests/test_quantize_math.py",
     "tests/test_references.py",
@@ -41,16 +43,47 @@ FAST_TESTS = [
     "tests/test_config.py",
     "tests/test_format.py",
     "tests/test_fuzz.py",
+    "tests/test_checkpoint_reader.py",
+    "tests/test_quantize_load.py",
+    "tests/test_replace.py",
+    "tests/test_compressed_tensors.py",
+    "tests/test_safety.py",
+    "tests/test_faults.py",
+    "tests/test_fast_paths.py",
 ]
 #: Tests left out of the mutation runs: those that run quantcli in a subprocess, where the
-#: mutants' trampolines cannot import mutmut (it is kept off the venv), and the CLI fuzz
+#: mutants' trampolines cannot import mutmut (it is kept off the venv), the CLI fuzz
 #: tests, which build and quantize models for every example (tens of seconds: every mutant
-#: they reach times out).
-SUBPROCESS_TESTS = [
+#: they reach times out), and compiled decoding (torch.compile per mutant: the same).
+LEFT_OUT_TESTS = [
     "tests/test_fuzz.py::test_inspect_on_random_bytes_is_one_line",
     "tests/test_fuzz.py::test_quantize_on_a_broken_source_fails_cleanly",
     "tests/test_fuzz.py::test_inspect_and_load_on_a_broken_checkpoint_fail_cleanly",
+    "tests/test_compressed_tensors.py::test_a_third_party_checkpoint_inspects_evaluates_and_generates",
+    "tests/test_safety.py::test_a_link_to_a_system_file_is_refused_by_every_command",
+    "tests/test_safety.py::test_a_fifo_is_refused_without_blocking",
+    "tests/test_faults.py::test_a_signal_mid_write_leaves_nothing",
+    "tests/test_faults.py::test_sigkill_mid_write_then_a_clean_rerun",
+    "tests/test_faults.py::test_a_token_never_appears_in_output",
+    "tests/test_faults.py::test_bad_quantize_input",
+    "tests/test_faults.py::test_huge_max_new_tokens_is_capped_with_a_note",
+    "tests/test_fast_paths.py::test_compiled_decoding_gives_the_same_tokens",
+    "tests/test_fast_paths.py::test_load_verbose_and_json_name_the_kernels",
+    "tests/test_fast_paths.py::test_generate_json_reports_speed_and_dtype",
 ]
+#: Appended to the scratch copy's tests/conftest.py: torch computes on one thread. mutmut
+#: forks a process per mutant from one that ran the tests, and once a process has had an
+#: OpenMP pool of several threads, a fork of it hangs as soon as it asks for more than one;
+#: the in-process CLI tests ask for the cores (`--threads`' default), so every mutant they
+#: reached timed out.
+ONE_TORCH_THREAD = """
+
+@pytest.fixture(autouse=True)
+def _mutation_run_on_one_torch_thread(monkeypatch):  # written by scripts/mutation.py
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+"""
 KILLED = {1, 3}
 #: Why each surviving mutant may survive (equivalent or harmless), by mutmut's name.
 REASONS = ROOT / "scripts" / "mutation_survivors.json"
@@ -113,6 +146,8 @@ def prepare(work: Path, options) -> None:
         shutil.copytree(
             ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__")
         )
+    with open(work / "tests" / "conftest.py", "a") as conftest:
+        conftest.write(ONE_TORCH_THREAD)
     tests = [t for t in options.tests if (work / t).is_file()]
     options.tests = tests
     config = {
@@ -124,7 +159,7 @@ def prepare(work: Path, options) -> None:
         "pytest_add_cli_args_test_selection": tests,
         "also_copy": ["tests/"],
         "pytest_add_cli_args": ["-q", "-x", "-p", "no:cacheprovider", "--hypothesis-seed=0"]
-        + [f"--deselect={test}" for test in SUBPROCESS_TESTS],
+        + [f"--deselect={test}" for test in LEFT_OUT_TESTS],
         "use_git_change_detection": False,
     }
     pyproject = (ROOT / "pyproject.toml").read_text()

@@ -1,11 +1,25 @@
 """Every kernel agrees with the float32 reference within the activation dtype's precision,
 and the dispatch never sends a call to a kernel known to crash."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
 from quantcli import QuantConfig, QuantLinear
-from quantcli.nn.kernels import KERNELS, PREFILL_MIN_M, select_kernel
+from quantcli.nn.kernels import (
+    CUDA_INT4PACK_MAX_M,
+    KERNELS,
+    PREFILL_MIN_M,
+    _workspace,
+    choose_kernel,
+    fp32_dequant,
+    int4pack_weight,
+    kernel_plan,
+    preferred_dtype,
+    prepare_kernels,
+    select_kernel,
+)
 from quantcli.tensor.quantize import dequantize
 
 
@@ -172,3 +186,171 @@ def test_quantizing_on_the_gpu_keeps_every_tensor_there():
                 torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
             else:  # the integers are the same
                 assert got.equal(expected), key
+
+
+def shaped(config, in_features, out_features):
+    """A layer on the meta device: the kernel choice reads its settings and shape only."""
+    with torch.device("meta"):
+        return QuantLinear.from_weight(torch.empty(out_features, in_features), None, config)
+
+
+INT4_G32 = QuantConfig(bits=4, group_size=32)
+
+
+@pytest.mark.parametrize(
+    ("config", "in_features", "out_features", "dtype", "rows", "expected"),
+    [
+        (INT4_G32, 256, 64, torch.bfloat16, 1, "int4pack"),
+        (INT4_G32, 256, 64, torch.bfloat16, CUDA_INT4PACK_MAX_M - 1, "int4pack"),
+        (INT4_G32, 256, 64, torch.bfloat16, CUDA_INT4PACK_MAX_M, "dequant"),
+        (INT4_G32, 256, 64, torch.float16, 1, "dequant"),
+        (INT4_G32, 256, 64, torch.float32, 1, "dequant"),
+        (INT4_G32, 384, 40, torch.bfloat16, 1, "int4pack"),  # 40 rows: enough for tinygemm
+        (INT4_G32, 384, 36, torch.bfloat16, 1, "dequant"),  # out % 8 != 0
+        (INT4_G32, 192, 64, torch.bfloat16, 1, "dequant"),  # in % (16 * 8) != 0
+        (QuantConfig(bits=4, group_size=16), 256, 64, torch.bfloat16, 1, "dequant"),
+        (QuantConfig(bits=8), 256, 64, torch.bfloat16, 1, "dequant"),  # no faster there
+        (QuantConfig(bits=2, group_size=32), 256, 64, torch.bfloat16, 1, "dequant"),
+    ],
+)
+def test_cuda_dispatch_follows_the_measured_rules(
+    config, in_features, out_features, dtype, rows, expected
+):
+    """On CUDA: tinygemm int4 for bf16 decode-sized calls (below CUDA_INT4PACK_MAX_M rows)
+    of shapes it takes (out % 8, in % 128); everything else dequantizes. Decided from the
+    device's name, so checked without a GPU (test_cuda_dispatch_and_agreement runs them)."""
+    q = shaped(config, in_features, out_features)
+    assert choose_kernel(q, "cuda", dtype, rows) == expected
+
+
+def test_the_cpu_int4_kernel_wants_16_output_rows_where_cuda_wants_8():
+    q = shaped(INT4_G32, 384, 40)
+    assert choose_kernel(q, "cpu", torch.bfloat16, 1) == "dequant"
+    assert choose_kernel(q, "cuda", torch.bfloat16, 1) == "int4pack"
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+def test_other_devices_dequantize(device):
+    assert choose_kernel(shaped(INT4_G32, 256, 64), device, torch.bfloat16, 1) == "dequant"
+    assert choose_kernel(shaped(QuantConfig(bits=8), 256, 64), device, torch.bfloat16, 1) == (
+        "dequant"
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((96,), "int8pack"),  # one token, as F.linear takes it
+        ((1, 1, 96), "int8pack"),
+        ((4, 7, 96), "int8pack"),  # 28 tokens: still decode-sized
+        ((4, 8, 96), "fp32-dequant"),  # 32 tokens in all: prefill, whatever the batch
+        ((2, 2, 8, 96), "fp32-dequant"),
+        ((PREFILL_MIN_M - 1, 96), "int8pack"),
+    ],
+)
+def test_the_token_count_is_every_row_of_the_input(shape, expected):
+    q = shaped(QuantConfig(bits=8), 96, 48)
+    assert select_kernel(q, torch.empty(shape, dtype=torch.bfloat16)) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (QuantConfig(bits=8), torch.bfloat16),
+        (QuantConfig(bits=2, group_size=16), torch.bfloat16),
+        (QuantConfig(bits=8, scheme="asym"), torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("bf16", [True, False])
+def test_gpus_run_bf16_or_fp16_where_bf16_is_missing(monkeypatch, config, expected, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert preferred_dtype(config, "cuda") == (expected if bf16 else torch.float16)
+
+
+class TinyModel(torch.nn.Module):
+    """Three quantized layers and a float head under a root with a `config`, as in
+    transformers models (the root is no quantized layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = QuantConfig(bits=4)
+        self.int8 = layer(QuantConfig(bits=8))
+        self.int4 = layer(QuantConfig(bits=4, group_size=32))
+        self.int2 = layer(QuantConfig(bits=2, group_size=16))
+        self.head = torch.nn.Linear(48, 10)
+
+
+def test_kernel_plan_counts_the_quantized_layers_per_kernel():
+    model = TinyModel()
+    assert kernel_plan(model, "cpu", torch.bfloat16, 1) == {
+        "int8pack": 1,
+        "int4pack": 1,
+        "dequant": 1,
+    }
+    assert kernel_plan(model, "cpu", torch.bfloat16, PREFILL_MIN_M) == {"fp32-dequant": 3}
+    assert kernel_plan(model, "cpu", torch.float32, 1) == {"fp32-dequant": 3}
+    assert kernel_plan(model, "cuda", torch.bfloat16, 1) == {"dequant": 3}  # in 96: no tinygemm
+
+
+def test_prepare_kernels_makes_the_int4_layouts_decode_will_use_and_nothing_else():
+    model = TinyModel()
+    prepare_kernels(model, "cpu", torch.float32)  # fp32 activations: no fused kernel
+    assert not any("_int4pack" in m.__dict__ for m in model.modules())
+    prepare_kernels(model, "cpu", torch.bfloat16)
+    assert [name for name, m in model.named_modules() if "_int4pack" in m.__dict__] == ["int4"]
+    weight_packed, packed, scales = model.int4.__dict__["_int4pack"]
+    assert weight_packed is model.int4.weight_packed
+    reused = int4pack_weight(model.int4)  # what a decode step asks for: the same tensors
+    assert reused[0] is packed and reused[1] is scales
+
+
+def in_a_new_thread(function):
+    """`function()` run in a fresh thread, whose workspace starts empty (earlier tests
+    leave theirs in this one)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(function).result()
+
+
+def test_fp32_dequant_writes_into_one_reused_workspace_per_thread():
+    """The dequantized weight goes into the thread's float32 buffer, which grows to the
+    largest layer and is reused (a fresh one per call costs more in page faults than the
+    dequantization); results stay exact whatever the order of the layers."""
+    small = layer(QuantConfig(bits=4, granularity="channel"), 64, 16)
+    big = layer(QuantConfig(bits=8, scheme="asym"), 96, 48)
+    x_big, x_small = torch.randn(40, 96), torch.randn(40, 64)
+    cpu = torch.device("cpu")
+
+    def run():
+        assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
+        first = _workspace(small, cpu)
+        assert first.shape == (16, 64) and torch.equal(
+            first, small.dequantize_weight(torch.float32)
+        )
+        assert _workspace(small, cpu).data_ptr() == first.data_ptr()  # same size: kept
+        assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
+        grown = _workspace(big, cpu)  # a larger layer: a larger buffer
+        assert grown.shape == (48, 96) and torch.equal(grown, big.dequantize_weight(torch.float32))
+        assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
+        assert _workspace(small, cpu).data_ptr() == grown.data_ptr()  # the large one, reused
+        assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
+        assert _workspace(big, cpu).data_ptr() == grown.data_ptr()
+        return grown.data_ptr()
+
+    assert in_a_new_thread(run) != _workspace(big, cpu).data_ptr()  # each thread its own
+
+
+def test_fp32_dequant_returns_the_activation_dtype():
+    q = layer(QuantConfig(bits=8, scheme="asym"))
+    x = torch.randn(40, q.in_features).bfloat16()
+    out = fp32_dequant(q, x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, reference(q, x).bfloat16())  # fp32 math, one rounding at the end
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_every_kernel_takes_a_single_token_as_a_1d_input(name):
+    q = layer(KERNEL_CONFIGS[name])
+    x = torch.randn(q.in_features).bfloat16()
+    out = KERNELS[name](q, x)
+    assert out.shape == (q.out_features,)
+    assert torch.equal(out, KERNELS[name](q, x[None])[0])

@@ -1,11 +1,14 @@
 """QuantLinear: its compressed-tensors state_dict, its forward and its error bound."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from ct_reference import reference_step
 
 from quantcli import QuantConfig, QuantLinear
+from quantcli.errors import CheckpointError
 from quantcli.tensor.quantize import dequantize, quantize
 
 IN, OUT = 96, 40
@@ -184,3 +187,236 @@ def test_scale_dtype_follows_the_config():
 def test_repr_names_the_scheme():
     layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=4, group_size=32))
     assert "bits=4, scheme=asym, granularity=group, group_size=32" in repr(layer)
+
+
+def test_the_bare_constructor_shapes_every_buffer_on_the_device_asked():
+    """What a checkpoint loader builds before the tensors arrive: on meta, no memory."""
+    config = QuantConfig(bits=4, granularity="channel")
+    layer = QuantLinear(IN, OUT, True, config, torch.bfloat16, device="meta")
+    assert {name: (b.dtype, tuple(b.shape), b.is_meta) for name, b in layer.named_buffers()} == {
+        "weight_packed": (torch.int32, (OUT, IN * 4 // 32), True),
+        "weight_shape": (torch.int64, (2,), True),
+        "weight_scale": (torch.bfloat16, (OUT, 1), True),
+        "weight_zero_point": (torch.int32, (OUT * 4 // 32, 1), True),
+        "bias": (torch.bfloat16, (OUT,), True),
+    }
+    plain = QuantLinear(IN, OUT, False, QuantConfig(bits=8, scheme="asym", granularity="tensor"))
+    buffers = plain.named_buffers()
+    assert {name: (b.dtype, tuple(b.shape), b.device.type) for name, b in buffers} == {
+        "weight": (torch.int8, (OUT, IN), "cpu"),
+        "weight_scale": (torch.float32, (1,), "cpu"),
+        "weight_zero_point": (torch.int8, (1,), "cpu"),
+    }
+    assert plain.bias is None and "bias" in plain._buffers  # registered, as nn.Linear does
+    assert plain.checkpoint_format == layer.checkpoint_format == "pack-quantized"
+
+
+def test_from_weight_on_meta_only_shapes_the_layer():
+    with torch.device("meta"):
+        linear = torch.nn.Linear(IN, OUT).to(torch.float16)
+    layer = QuantLinear.from_linear(linear, QuantConfig(bits=4))
+    assert all(b.is_meta for b in layer.buffers())
+    assert (layer.in_features, layer.out_features, layer.weight_scale.dtype) == (
+        IN,
+        OUT,
+        torch.float16,
+    )
+
+
+def test_the_bias_is_copied_without_gradient_in_the_scale_dtype():
+    linear = float_linear()
+    layer = QuantLinear.from_linear(linear, QuantConfig(bits=8, dtype=torch.bfloat16))
+    assert not layer.bias.requires_grad and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.bias, linear.bias.detach().bfloat16())
+    assert not layer.weight_scale.requires_grad
+
+
+def test_a_packed_layer_answers_weight_with_a_meta_tensor_of_its_shape():
+    """Model code (T5's) reads ``.weight.dtype``; packed layers hold no such tensor."""
+    packed = QuantLinear.from_linear(float_linear(torch.bfloat16), QuantConfig(bits=4))
+    weight = packed.weight
+    assert weight.is_meta and weight.shape == (OUT, IN) and weight.dtype == torch.bfloat16
+    assert "weight" not in packed.state_dict()
+    int8 = QuantLinear.from_linear(float_linear(), QuantConfig(bits=8))
+    assert int8.weight.dtype == torch.int8 and not int8.weight.is_meta
+    with pytest.raises(AttributeError, match="'QuantLinear' object has no attribute 'other'"):
+        packed.other  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'weight_packed'"):
+        int8.weight_packed  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("config", "bias", "expected"),
+    [
+        (
+            QuantConfig(bits=4, group_size=32),
+            True,
+            "in_features=96, out_features=40, bias=True, bits=4, scheme=asym, "
+            "granularity=group, group_size=32",
+        ),
+        (
+            QuantConfig(bits=8),
+            False,
+            "in_features=96, out_features=40, bias=False, bits=8, scheme=sym, granularity=channel",
+        ),
+    ],
+)
+def test_repr_gives_the_shape_and_every_setting(config, bias, expected):
+    layer = QuantLinear.from_linear(float_linear(bias=bias), config)
+    assert layer.extra_repr() == expected
+
+
+def test_keep_vars_returns_the_layer_s_own_tensors_as_torch_modules_do():
+    """nn.Module's contract for ``state_dict(keep_vars=True)``: the module's own tensors
+    (nn.Linear's included); 8-bit layers make their packed words, the rest is kept."""
+    linear = float_linear()
+    assert linear.state_dict(keep_vars=True)["bias"] is linear.bias  # the contract itself
+    layer = QuantLinear.from_linear(linear, QuantConfig(bits=8))
+    kept = layer.state_dict(keep_vars=True)
+    assert kept["bias"] is layer.bias and kept["weight_scale"] is layer.weight_scale
+    assert layer.state_dict()["weight_scale"] is not layer.weight_scale  # detached copies
+    packed = QuantLinear.from_linear(linear, QuantConfig(bits=4))
+    assert packed.state_dict(keep_vars=True)["weight_packed"] is packed.weight_packed
+
+
+def test_an_int8_layer_saves_the_older_plain_layout_when_asked():
+    """``checkpoint_format = "int-quantized"``: quantcli format 1, plain int8 weights."""
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=8, scheme="asym"))
+    layer.checkpoint_format = "int-quantized"
+    state = layer.state_dict()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in state.items()} == {
+        "weight": (torch.int8, (OUT, IN)),
+        "weight_scale": (torch.float32, (OUT, 1)),
+        "weight_zero_point": (torch.int8, (OUT, 1)),
+        "bias": (torch.float32, (OUT,)),
+    }
+    assert torch.equal(state["weight"], layer.weight)
+
+
+def named(layer):
+    """The layer as a model's submodule ``proj``: refusals name it."""
+    return torch.nn.ModuleDict({"proj": layer})
+
+
+@pytest.mark.parametrize(
+    ("values", "count", "example"),
+    [
+        ({3: float("nan")}, 1, "nan"),
+        ({0: float("inf"), 5: 1.0}, 1, "inf"),
+        ({1: -0.5, 2: -1.0}, 2, "-0.5"),
+        ({4: 0.0}, 1, "0.0"),
+    ],
+)
+def test_scales_that_are_not_finite_and_positive_are_refused(values, count, example):
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=8))
+    state = {f"proj.{k}": v.clone() for k, v in layer.state_dict().items()}
+    for row, value in values.items():
+        state["proj.weight_scale"][row] = value
+    message = (
+        f"proj.weight_scale holds {count} value(s) that are not finite and positive "
+        f"(e.g. {example}): the checkpoint is corrupt."
+    )
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        named(layer).load_state_dict(state)
+
+
+def test_the_smallest_positive_scale_is_accepted():
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=8))
+    state = layer.state_dict()
+    state["weight_scale"][0] = torch.finfo(torch.float32).smallest_normal / 2**23  # subnormal
+    layer.load_state_dict(state)
+    assert layer.weight_scale[0] > 0
+
+
+def test_a_weight_shape_other_than_the_layer_s_is_refused():
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=4))
+    state = {f"proj.{k}": v.clone() for k, v in layer.state_dict().items()}
+    state["proj.weight_shape"] = torch.tensor([OUT, IN - 1])
+    message = f"proj.weight_shape holds [{OUT}, {IN - 1}], not [{OUT}, {IN}]."
+    with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+        named(layer).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("bits", "zero", "refused"),
+    [(4, -8, False), (4, 7, False), (4, 8, True), (4, -9, True), (2, 1, False), (2, 2, True)],
+)
+def test_int8_zero_points_outside_the_bit_width_are_refused(bits, zero, refused):
+    """Per-tensor zero points are stored as int8 (not packed), so a file can hold any byte;
+    the bit width's range is -2^(bits-1) .. 2^(bits-1) - 1 (-8..7 at 4 bits, -2..1 at 2)."""
+    config = QuantConfig(bits=bits, granularity="tensor")
+    layer = QuantLinear.from_linear(float_linear(), config)
+    state = {f"proj.{k}": v.clone() for k, v in layer.state_dict().items()}
+    state["proj.weight_zero_point"] = torch.tensor([zero], dtype=torch.int8)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    message = (
+        f"proj.weight_zero_point holds values outside {low}..{high}, the {bits}-bit range: "
+        "the checkpoint is corrupt."
+    )
+    if refused:
+        with pytest.raises(CheckpointError, match="^" + re.escape(message) + "$"):
+            named(layer).load_state_dict(state)
+    else:
+        named(layer).load_state_dict(state)
+        assert layer.integers()[1].tolist() == [zero]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_meta_state_dict_loads_into_a_meta_layer_unchecked(name):
+    """Shapes only (a skeleton handed to another): there are no values to check."""
+    with torch.device("meta"):
+        source = QuantLinear.from_linear(torch.nn.Linear(IN, OUT), CONFIGS[name])
+        skeleton = QuantLinear.from_linear(torch.nn.Linear(IN, OUT), CONFIGS[name])
+    skeleton.load_state_dict(source.state_dict(), assign=True)
+    assert all(b.is_meta for b in skeleton.buffers())
+
+
+@pytest.mark.parametrize(
+    ("config", "in_features", "out_features"),
+    [
+        (QuantConfig(bits=8, scheme="asym"), 98, 42),  # 98 % 4, 42 % 4: a word part empty
+        (QuantConfig(bits=4, granularity="channel"), 100, 40),  # 100 % 8
+        (QuantConfig(bits=4, granularity="channel", scheme="asym"), 100, 44),
+        (QuantConfig(bits=2, scheme="asym", granularity="channel"), 100, 24),  # 100 % 16
+    ],
+)
+def test_widths_that_leave_a_word_part_empty_round_trip(config, in_features, out_features):
+    """Packing pads the last int32 word; unpacking must cut the padding off again, for the
+    weights (along the inputs) and the zero points (along the outputs)."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features)
+    layer = QuantLinear.from_weight(weight, None, config)
+    qt = quantize(weight, config.bits, config.scheme, config.granularity, config.group_size)
+    assert torch.equal(layer.dequantize_weight(), qt.dequantize())
+    state = layer.state_dict()
+    assert state["weight_packed"].shape == (out_features, -(-in_features * config.bits // 32))
+    copy = QuantLinear(in_features, out_features, False, config)
+    copy.load_state_dict(state)
+    assert torch.equal(copy.dequantize_weight(), qt.dequantize())
+    x = torch.randn(3, in_features)
+    assert torch.equal(copy(x), F.linear(x, qt.dequantize()))
+
+
+def test_an_8bit_layer_takes_packed_words_without_weight_shape():
+    """``weight_shape`` is checked when a file has it; the layer knows its own shape."""
+    layer = QuantLinear.from_linear(float_linear(), QuantConfig(bits=8))
+    state = layer.state_dict()
+    del state["weight_shape"]
+    copy = QuantLinear(IN, OUT, True, QuantConfig(bits=8))
+    copy.load_state_dict(state)
+    assert torch.equal(copy.weight, layer.weight)
+
+
+def test_the_clipping_search_setting_reaches_the_layer():
+    """``optimize`` changes the integers of a weight with outliers (the search clips
+    them); the layer holds what `quantize` makes with the same setting."""
+    torch.manual_seed(0)
+    weight = torch.randn(OUT, IN)
+    weight[::7, ::11] *= 12  # outliers: clipping them lowers the error of the rest
+    for optimize in (False, True):
+        config = QuantConfig(bits=4, granularity="channel", optimize=optimize)
+        layer = QuantLinear.from_weight(weight, None, config)
+        qt = quantize(weight, 4, config.scheme, config.granularity, None, optimize=optimize)
+        assert torch.equal(layer.dequantize_weight(), qt.dequantize())
+    plain = quantize(weight, 4, config.scheme, config.granularity, None)
+    assert not torch.equal(qt.dequantize(), plain.dequantize())

@@ -19,6 +19,7 @@ Measured on a 2-core AVX2 CPU without bf16 hardware (see docs/benchmarks.md):
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -40,7 +41,7 @@ CUDA_INT4PACK_MAX_M = 256
 
 def select_kernel(layer, x: torch.Tensor) -> str:
     """The name of the kernel to use for `layer` on input `x`."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    rows = math.prod(x.shape[:-1])
     return choose_kernel(layer, x.device.type, x.dtype, rows)
 
 
