@@ -50,6 +50,8 @@ FAST_TESTS = [
     "tests/test_safety.py",
     "tests/test_faults.py",
     "tests/test_fast_paths.py",
+    "tests/test_tied_heads.py",
+    "tests/test_moe.py",
 ]
 #: Tests left out of the mutation runs: those that run quantcli in a subprocess, where the
 #: mutants' trampolines cannot import mutmut (it is kept off the venv), the CLI fuzz
@@ -70,6 +72,13 @@ LEFT_OUT_TESTS = [
     "tests/test_fast_paths.py::test_compiled_decoding_gives_the_same_tokens",
     "tests/test_fast_paths.py::test_load_verbose_and_json_name_the_kernels",
     "tests/test_fast_paths.py::test_generate_json_reports_speed_and_dtype",
+    "tests/test_tied_heads.py::test_a_model_that_always_ties_its_head_is_refused_with_nothing_written",
+    "tests/test_tied_heads.py::test_tables_one_quantized_copy_cannot_serve_are_refused",
+    "tests/test_moe.py::test_cli_quantize_inspect_load_generate_eval_on_moe",
+    "tests/test_moe.py::test_a_quantized_checkpoint_whose_experts_disagree_with_its_config_is_refused",
+    "tests/test_moe.py::test_an_expert_layout_quantcli_does_not_know_is_refused",
+    "tests/test_moe.py::test_expert_shapes_the_config_does_not_describe_are_refused",
+    "tests/test_moe.py::test_experts_the_config_does_not_describe_are_refused",
 ]
 #: Appended to the scratch copy's tests/conftest.py: torch computes on one thread. mutmut
 #: forks a process per mutant from one that ran the tests, and once a process has had an
