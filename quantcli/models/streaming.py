@@ -12,6 +12,7 @@ import copy
 import errno
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -48,6 +49,7 @@ from quantcli.errors import (
     UsageError,
 )
 from quantcli.files import model_root, umask_mode
+from quantcli.models.gptq import GPTQSettings
 from quantcli.models.replace import output_head_names, plan_replacement, quantized_weight
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import (
@@ -62,6 +64,8 @@ from quantcli.runtimes import vllm_warning
 from quantcli.units import format_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+#: Written beside a GPTQ checkpoint: the method's settings and the time it took.
+GPTQ_RECORD = "quantcli_gptq.json"
 
 
 @dataclass
@@ -131,6 +135,8 @@ def quantize_checkpoint(
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
     allow_pickle: bool = False,
+    gptq: GPTQSettings | None = None,
+    on_block: Callable[[int, int], None] | None = None,
 ) -> QuantizeSummary:
     """Write `source` quantized per `config` to the folder `out`.
 
@@ -138,6 +144,8 @@ def quantize_checkpoint(
     receives the number of output modules, `on_tensor` each one's name as it is written
     (for progress bars). `allow_pickle` converts a pickle-only source to safetensors first
     (with ``torch.load(weights_only=True)``, in a temporary folder beside `out`).
+    `gptq`: quantize with GPTQ on these calibration samples instead of rounding to nearest
+    (`quantcli.models.gptq`); `on_block` then receives (blocks done, blocks) as they are.
     """
     out = out.expanduser().resolve()
     _check_output_target(source, out, overwrite)
@@ -165,6 +173,8 @@ def quantize_checkpoint(
                 command=command,
                 on_start=on_start,
                 on_tensor=on_tensor,
+                gptq=gptq,
+                on_block=on_block,
             )
     started = time.perf_counter()
     if max_shard_size < 1:
@@ -193,7 +203,14 @@ def quantize_checkpoint(
         )
     untie = heads_to_untie(skeleton, report.replaced, hf_config, trust_remote_code)
     quantized = [*report.replaced, *([report.embeddings] if report.embeddings else [])]
-    plan = _plan(skeleton, tensors, quantized, config, untie)
+    runner = None
+    if gptq is not None:  # --method gptq: block layers come from the block-by-block walk
+        runner = _gptq_runner(
+            skeleton, hf_config, tensors, report.replaced, config, gptq, trust_remote_code
+        )
+        runner.on_block = on_block
+    quantizer = runner.quantizer(_quantizer) if runner else _quantizer
+    plan = _plan(skeleton, tensors, quantized, config, untie, quantizer)
     conv1d = any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +231,9 @@ def quantize_checkpoint(
         metadata["source_license"] = card_license(source.folder) or ""
         metadata["quantcli_command"] = command or ""
         metadata["quantized_conv1d"] = "true" if conv1d else "false"
+        metadata["quantization_method"] = "gptq" if gptq else "rtn"
+        if runner:
+            metadata["gptq"] = json.dumps({**gptq.describe(), "rtn_layers": runner.rtn_layers})
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
@@ -224,6 +244,10 @@ def quantize_checkpoint(
         if config.dtype is not None:
             hf_config.dtype = config.dtype
         hf_config.save_pretrained(staging)
+        if runner:  # what the header could not know when it was written
+            record = {**gptq.describe(), "rtn_layers": runner.rtn_layers}
+            record["seconds"] = round(runner.seconds, 3)
+            (staging / GPTQ_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         for path in side_files(source.folder):  # contents as regular files, never links
             if path.name != "config.json":
                 shutil.copyfile(path, staging / path.name)
@@ -250,6 +274,17 @@ def quantize_checkpoint(
     )
 
 
+def _gptq_runner(skeleton, hf_config, tensors, replaced, config, gptq, trust_remote_code):
+    """The GPTQ walk over a float32 skeleton of the model, its tensors by the model's keys."""
+    from quantcli.models.gptq import GPTQRunner
+
+    float_skeleton = build_skeleton(hf_config, torch.float32, trust_remote_code)
+    keys = set(float_skeleton.state_dict())
+    prefix = getattr(float_skeleton, "base_model_prefix", "")
+    by_key = {model_key(key, keys, prefix): info for key, info in tensors.items()}
+    return GPTQRunner(float_skeleton, by_key, replaced, config, gptq)
+
+
 def _weights_sha256(files: list[Path]) -> str:
     """One sha256 over the weight files' bytes, in order: names a local source exactly
     without saying where it lies."""
@@ -267,6 +302,7 @@ def _plan(
     replaced: list[str],
     config: QuantConfig,
     untie: dict[str, str],
+    quantizer: Callable = None,
 ) -> _Plan:
     """Map every source tensor to the output tensors it becomes; `untie` maps tied keys
     (target: source) that the output stores apart, the head quantized, the rest copied."""
@@ -300,7 +336,7 @@ def _plan(
                     TensorSpec(f"{name}.{key}", t.dtype, tuple(t.shape))
                     for key, t in layout.state_dict().items()
                 ],
-                produce=_quantizer(
+                produce=(quantizer or _quantizer)(
                     name, info, config, scale_dtypes[name], isinstance(module, Conv1D)
                 ),
                 quantized_params=out_features * in_features,
