@@ -31,7 +31,14 @@ from quantcli.errors import CheckpointError, InvalidTensorError
 from quantcli.models.calibration import CalibrationSet
 from quantcli.models.replace import linear_weight
 from quantcli.nn.qlinear import compressed_state
-from quantcli.tensor.gptq import DEFAULT_BLOCK_SIZE, DEFAULT_DAMP, Hessian, gptq_quantize
+from quantcli.tensor.gptq import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DAMP,
+    Hessian,
+    gptq_quantize,
+    input_product,
+    prepare_hessian,
+)
 
 #: Calibration samples run through a block at once (activations: batch × seq_len × hidden).
 BATCH = 8
@@ -156,9 +163,18 @@ class GPTQRunner:
             if i == index
         }
         hessians = {name: Hessian(linear_weight(m).shape[1]) for name, m in layers.items()}
+        last: list = [None, None, None]  # layers reading the same tensor share its product
+        sources: dict[str, set[str]] = {name: set() for name in layers}
+
+        def accumulate(name, x):
+            if last[0] is not x:
+                last[:] = [x, input_product(x), name]
+            hessians[name].add_product(*last[1])
+            sources[name].add(last[2])
+
         hooks = [
             module.register_forward_pre_hook(
-                lambda _module, args, name=name: hessians[name].add(args[0])
+                lambda _module, args, name=name: accumulate(name, args[0])
             )
             for name, module in layers.items()
         ]
@@ -167,8 +183,14 @@ class GPTQRunner:
         finally:
             for hook in hooks:
                 hook.remove()
+        last.clear()
+        prepared = {}  # one Cholesky per distinct input (q/k/v, gate/up read the same)
         for name, module in layers.items():
-            self._ready[name] = self._quantize(name, module, hessians.pop(name).value())
+            source = next(iter(sources[name])) if len(sources[name]) == 1 else name
+            if source not in prepared:
+                hessian = hessians[source].value()
+                prepared[source] = (hessian, prepare_hessian(hessian, self.settings.damp))
+            self._ready[name] = self._quantize(name, module, *prepared[source])
         self._forward(block, keep=True)  # the next block's inputs, through quantized weights
         _unload(block)
         self._next += 1
@@ -176,7 +198,7 @@ class GPTQRunner:
         if self.on_block:
             self.on_block(self._next, len(self.blocks))
 
-    def _quantize(self, name: str, module: nn.Module, hessian: torch.Tensor) -> dict:
+    def _quantize(self, name: str, module: nn.Module, hessian: torch.Tensor, ready) -> dict:
         weight = linear_weight(module).detach()
         dtype = self._scale_dtypes[name]
         try:
@@ -191,6 +213,7 @@ class GPTQRunner:
                 damp=self.settings.damp,
                 block_size=self.settings.block_size,
                 optimize=self.config.optimize,
+                prepared=ready,
             )
         except InvalidTensorError as error:
             raise InvalidTensorError(f"{name}.weight: {error}") from None

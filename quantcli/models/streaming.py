@@ -278,7 +278,9 @@ def _gptq_runner(skeleton, hf_config, tensors, replaced, config, gptq, trust_rem
     """The GPTQ walk over a float32 skeleton of the model, its tensors by the model's keys."""
     from quantcli.models.gptq import GPTQRunner
 
-    float_skeleton = build_skeleton(hf_config, torch.float32, trust_remote_code)
+    float_skeleton = build_skeleton(
+        hf_config, torch.float32, trust_remote_code
+    ).eval()  # no dropout
     keys = set(float_skeleton.state_dict())
     prefix = getattr(float_skeleton, "base_model_prefix", "")
     by_key = {model_key(key, keys, prefix): info for key, info in tensors.items()}

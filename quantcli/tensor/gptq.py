@@ -25,22 +25,33 @@ DEFAULT_BLOCK_SIZE = 128
 
 
 class Hessian:
-    """``H = 2/n · Σ x xᵀ`` over the n input rows a layer has seen (float64 sums: the
-    result does not depend on how the rows were batched beyond float64 rounding)."""
+    """``H = 2/n · Σ x xᵀ`` over the n input rows a layer has seen: each batch's product in
+    float32, summed in float64 (so many batches lose nothing to rounding)."""
 
     def __init__(self, in_features: int) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.rows = 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        self.sum.addmm_(x.t(), x)
-        self.rows += x.shape[0]
+        self.add_product(*input_product(x))
+
+    def add_product(self, product: torch.Tensor, rows: int) -> None:
+        """Add a batch's ``xᵀx`` (from `input_product`, shareable by layers that read the
+        same input: q/k/v, gate/up)."""
+        self.sum += product
+        self.rows += rows
 
     def value(self) -> torch.Tensor:
         if not self.rows:
             raise UsageError("no calibration input reached this layer.")
         return (2 / self.rows * self.sum).float()
+
+
+def input_product(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``xᵀx`` of a batch of inputs ``(..., in)`` and its number of rows."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return x.t() @ x, x.shape[0]
 
 
 def gptq_quantize(
@@ -55,6 +66,7 @@ def gptq_quantize(
     damp: float = DEFAULT_DAMP,
     block_size: int = DEFAULT_BLOCK_SIZE,
     optimize: bool = False,
+    prepared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> QuantizedTensor:
     """GPTQ-quantize a float weight ``(out, in)`` given ``H`` ``(in, in)`` of its inputs.
 
@@ -63,6 +75,8 @@ def gptq_quantize(
     after them are applied at once (the paper's lazy batches: the same result, faster).
     Columns with a zero diagonal (inputs always zero: dead) are set to zero, as in the
     paper: any value there leaves the outputs unchanged on the calibration data.
+    `prepared`: `prepare_hessian(hessian, damp)` already computed (layers that read the
+    same inputs share it).
     """
     scheme, granularity = Scheme(scheme), Granularity(granularity)
     q_min, q_max = int_range(bits)
@@ -88,12 +102,8 @@ def gptq_quantize(
         quantize(weight, bits, scheme, granularity, group_size, dtype)  # raises its message
 
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
+    dead, u = prepared or prepare_hessian(hessian, damp)
     w[:, dead] = 0
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    u = _inverse_cholesky_upper(h)
 
     qdata = torch.empty(weight.shape, dtype=torch.int8)
     scales, zeros = [], []
@@ -142,6 +152,15 @@ def gptq_quantize(
         granularity=granularity,
         group_size=group_size,
     )
+
+
+def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dead columns (zero diagonal) and the upper Cholesky factor of the damped H⁻¹."""
+    h = hessian.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    return dead, _inverse_cholesky_upper(h)
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
