@@ -292,3 +292,16 @@ def test_a_model_it_cannot_walk_is_refused_with_exit_4(saved_models, tmp_path, m
     )  # fmt: skip
     assert_one_line_error(result, 4, "--method rtn")
     assert not out.exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_the_model_card_names_the_method_the_calibration_and_the_time(
+    saved_models, calibration, tmp_path
+):
+    from quantcli.hub import model_card
+    from quantcli.models.loading import summarize_folder
+
+    out = gptq_checkpoint(saved_models, tmp_path / "q", "llama", QuantConfig(bits=4), calibration)
+    card = model_card(out, summarize_folder(out), "me/q")
+    assert "| method | GPTQ (damp 0.01, block size 128, no act-order) |" in card
+    assert f"| calibration | 6 × 40 tokens of {calibration.source.name} |" in card
+    assert calibration.source.sha256 in card and "| GPTQ time |" in card

@@ -136,11 +136,17 @@ def quantize(
         ),
     ] = None,
     samples: Annotated[
-        int, typer.Option(help="gptq: calibration samples (fewer if the text is short).")
+        int,
+        typer.Option(help="gptq: calibration samples (fewer if the text is short).", metavar="N"),
     ] = DEFAULT_SAMPLES,
-    seq_len: Annotated[int, typer.Option(help="gptq: tokens per sample.")] = DEFAULT_SEQ_LEN,
+    seq_len: Annotated[
+        int, typer.Option(help="gptq: tokens per sample.", metavar="TOKENS")
+    ] = DEFAULT_SEQ_LEN,
     damp: Annotated[
-        float, typer.Option(help="gptq: dampening, a fraction of the Hessian's mean diagonal.")
+        float,
+        typer.Option(
+            help="gptq: dampening, a fraction of the Hessian's mean diagonal.", metavar="FRACTION"
+        ),
     ] = DEFAULT_DAMP,
     block_size: Annotated[
         int, typer.Option(help="gptq: columns rounded per lazy update.", metavar="N")

@@ -19,7 +19,7 @@ import torch
 from quantcli.errors import UsageError
 
 DEFAULT_CALIBRATION = "kjv_genesis.txt"
-DEFAULT_SAMPLES = 64
+DEFAULT_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
 
 

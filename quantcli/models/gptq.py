@@ -40,6 +40,8 @@ from quantcli.tensor.gptq import (
     prepare_hessian,
 )
 
+#: Written beside a GPTQ checkpoint: the method's settings and the time it took.
+GPTQ_RECORD = "quantcli_gptq.json"
 #: Calibration samples run through a block at once (activations: batch × seq_len × hidden).
 BATCH = 8
 

@@ -49,7 +49,7 @@ from quantcli.errors import (
     UsageError,
 )
 from quantcli.files import model_root, umask_mode
-from quantcli.models.gptq import GPTQSettings
+from quantcli.models.gptq import GPTQ_RECORD, GPTQSettings
 from quantcli.models.replace import output_head_names, plan_replacement, quantized_weight
 from quantcli.models.skeleton import build_skeleton, load_hf_config
 from quantcli.models.source import (
@@ -64,8 +64,6 @@ from quantcli.runtimes import vllm_warning
 from quantcli.units import format_bytes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
-#: Written beside a GPTQ checkpoint: the method's settings and the time it took.
-GPTQ_RECORD = "quantcli_gptq.json"
 
 
 @dataclass
