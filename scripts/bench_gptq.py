@@ -43,14 +43,21 @@ TARGETS = {
 
 
 def quantize(folder: Path, out: Path, options: list[str], method: str, samples: int) -> dict:
-    command = [sys.executable, "-m", "quantcli", "quantize", str(folder), "--out", str(out)]
+    """Run `quantcli quantize --json`, under /usr/bin/time: Linux carries a process's peak
+    RSS over fork and exec, so quantcli started from this (large) process would report
+    ours; started by `time`, it reports its own."""
+    command = ["/usr/bin/time", "-f", "maxrss_kb=%M", sys.executable, "-m", "quantcli"]
+    command += ["quantize", str(folder), "--out", str(out)]
     command += [*options, "--method", method, "--overwrite", "--json"]
     if method == "gptq":
         command += ["--samples", str(samples)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
-    return json.loads(done.stdout)
+    report = json.loads(done.stdout)
+    measured = [line for line in done.stderr.splitlines() if line.startswith("maxrss_kb=")]
+    report["peak_rss_bytes"] = int(measured[-1].split("=")[1]) * 1024
+    return report
 
 
 def perplexity(model, tokenizer, text: str, args) -> float:
@@ -98,15 +105,21 @@ def main() -> None:
             continue
         for method in ("rtn", "gptq"):
             key = f"{name} {method}"
+            out = args.cache / "bench" / f"{folder.name}-{name.replace(' ', '-')}-{method}"
+            if key in results and "peak_rss_measured" not in results[key]:  # older script
+                report = quantize(folder, out, options, method, args.samples)
+                results[key]["peak_rss_bytes"] = report["peak_rss_bytes"]
+                results[key]["peak_rss_measured"] = "time"
+                save()
             if key in results:
                 continue
-            out = args.cache / "bench" / f"{folder.name}-{name.replace(' ', '-')}-{method}"
             report = quantize(folder, out, options, method, args.samples)
             model = quantcli.load(str(out), dtype=torch.float32)
             results[key] = {
                 "perplexity": perplexity(model, tokenizer, text, args),
                 "seconds": report["seconds"],
                 "peak_rss_bytes": report["peak_rss_bytes"],
+                "peak_rss_measured": "time",
             }
             save()
             console.print(f"{key}: {results[key]}")

@@ -275,22 +275,32 @@ def test_a_bad_calibration_file_is_one_line_exit_2_nothing_written(
 ):
     text = tmp_path / "calibration.txt"
     text.write_bytes(content)
-    out = tmp_path / "q"
+    source, out = saved_models("llama"), tmp_path / "q"
+    capsys.readouterr()  # building the model printed
     result = run_main(
-        monkeypatch, capsys, "quantize", saved_models("llama"), "--out", out,
+        monkeypatch, capsys, "quantize", source, "--out", out,
         "--method", "gptq", "--calibration", text, "--seq-len", "64",
     )  # fmt: skip
     assert_one_line_error(result, 2, fragment)
     assert not out.exists() and not list(tmp_path.glob(".q*"))
 
 
-def test_a_model_it_cannot_walk_is_refused_with_exit_4(saved_models, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "q"
+@pytest.mark.parametrize(
+    ("arch", "fragment"),
+    [("t5", "encoder-decoder"), ("bert", "cannot reach cls.predictions.transform.dense")],
+)
+def test_a_model_it_cannot_walk_is_refused_with_exit_4(
+    arch, fragment, saved_models, tmp_path, monkeypatch, capsys
+):
+    """Never a silent fallback to round to nearest: one line naming what is missing."""
+    source, out = saved_models(arch), tmp_path / "q"
+    capsys.readouterr()  # building the model printed
     result = run_main(
-        monkeypatch, capsys, "quantize", saved_models("t5"), "--out", out,
-        "--method", "gptq", "--seq-len", "16",
+        monkeypatch, capsys, "quantize", source, "--out", out, "--method", "gptq",
+        "--seq-len", "16",
     )  # fmt: skip
-    assert_one_line_error(result, 4, "--method rtn")
+    assert_one_line_error(result, 4, fragment)
+    assert "--method rtn" in result.stderr
     assert not out.exists() and not list(tmp_path.glob(".q*"))
 
 
@@ -305,3 +315,17 @@ def test_the_model_card_names_the_method_the_calibration_and_the_time(
     assert "| method | GPTQ (damp 0.01, block size 128, no act-order) |" in card
     assert f"| calibration | 6 × 40 tokens of {calibration.source.name} |" in card
     assert calibration.source.sha256 in card and "| GPTQ time |" in card
+
+
+def test_the_head_has_no_block_to_calibrate_in_and_is_rounded_to_nearest_on_record(
+    saved_models, calibration, tmp_path
+):
+    config = QuantConfig(bits=4, quantize_head=True)
+    out = gptq_checkpoint(saved_models, tmp_path / "q", "opt", config, calibration)
+    _, metadata = read_all_headers(weight_files(out))
+    assert json.loads(metadata["gptq"])["rtn_layers"] == ["lm_head"]
+    source = resolve_model(str(saved_models("opt")))
+    rtn = quantize_checkpoint(source, tmp_path / "rtn", config).output
+    ours, _ = load_quantized(resolve_model(str(out)), dtype=None)
+    theirs, _ = load_quantized(resolve_model(str(rtn)), dtype=None)
+    assert torch.equal(ours.lm_head.integers()[0], theirs.lm_head.integers()[0])
