@@ -25,6 +25,7 @@ from smollm2 import smollm2_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import quantcli
+from quantcli.models.calibration import DEFAULT_SAMPLES
 from quantcli.models.evaluation import evaluate
 
 TEXT = Path(__file__).parent / "data" / "kjv_luke.txt"
@@ -60,6 +61,11 @@ def quantize(folder: Path, out: Path, options: list[str], method: str, samples: 
     return report
 
 
+def _key(name: str, method: str, samples: int) -> str:
+    """Results' key: GPTQ rows by their sample count (plain 'gptq' is 16: the first runs)."""
+    return f"{name} gptq s{samples}" if method == "gptq" and samples != 16 else f"{name} {method}"
+
+
 def perplexity(model, tokenizer, text: str, args) -> float:
     result = evaluate(
         model,
@@ -78,7 +84,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--samples", type=int, default=16, help="GPTQ calibration samples")
+    parser.add_argument(
+        "--samples", type=int, default=DEFAULT_SAMPLES, help="GPTQ calibration samples"
+    )
     parser.add_argument("--only", nargs="+", help="schemes to run (default: all)")
     parser.add_argument("--results", type=Path, help="keep results here (JSON), resume from it")
     parser.add_argument("--docs", action="store_true", help="also write docs/generated/gptq.md")
@@ -104,7 +112,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         for method in ("rtn", "gptq"):
-            key = f"{name} {method}"
+            key = _key(name, method, args.samples)
             out = args.cache / "bench" / f"{folder.name}-{name.replace(' ', '-')}-{method}"
             if key in results and "peak_rss_measured" not in results[key]:  # older script
                 report = quantize(folder, out, options, method, args.samples)
@@ -120,6 +128,7 @@ def main() -> None:
                 "seconds": report["seconds"],
                 "peak_rss_bytes": report["peak_rss_bytes"],
                 "peak_rss_measured": "time",
+                "samples": args.samples if method == "gptq" else None,
             }
             save()
             console.print(f"{key}: {results[key]}")
@@ -138,14 +147,13 @@ def main() -> None:
         f"first {args.max_tokens} tokens); original fp32 perplexity {base:.4f}",
     )
     for name in SCHEMES:
-        for method in ("rtn", "gptq"):
-            row = results.get(f"{name} {method}")
-            if row is None:
-                continue
+        keys = [key for key in results if key == f"{name} rtn" or key.startswith(f"{name} gptq")]
+        for key in keys:
+            row, method = results[key], key.removeprefix(f"{name} ").split()[0]
             delta = 100 * (row["perplexity"] / base - 1)
             table.add_row(
                 name,
-                method if method == "rtn" else f"gptq ({args.samples}×512)",
+                method if method == "rtn" else f"gptq ({row.get('samples') or 16}×512)",
                 f"{row['perplexity']:.4f}",
                 f"{delta:+.2f}",
                 f"{row['seconds']:.0f}",
@@ -154,8 +162,9 @@ def main() -> None:
             )
     note = (
         "Perplexity in float32 against the original in float32. Calibration: "
-        f"kjv_genesis.txt (shipped), {args.samples} samples × 512 tokens; time and peak "
-        "memory (ru_maxrss of the quantize process) include loading torch and transformers."
+        "kjv_genesis.txt (shipped), samples × 512 tokens as shown (default: "
+        f"{DEFAULT_SAMPLES}); time and peak memory (ru_maxrss of the quantize process) "
+        "include loading torch and transformers."
     )
     console.print(table, note)
     if args.docs:
