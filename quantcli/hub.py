@@ -145,6 +145,7 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
         ("granularity", config.granularity.value),
         ("group size", str(config.group_size or "-")),
         ("linear layers kept in float", kept),
+        *_method_rows(meta, folder),
         *([("source weights sha256", meta["source_sha256"])] if "source_sha256" in meta else []),
         ("size before", format_bytes(source_bytes) if source_bytes else "unknown"),
         ("size after", format_bytes(summary.total_bytes)),
@@ -174,6 +175,31 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
     lines += _usage_section(repo_id, summary)
     body = "\n".join(lines)
     return f"{body}\n<!-- quantcli model card sha256:{_digest(body)} -->\n"
+
+
+def _method_rows(meta: dict[str, str], folder: Path) -> list[tuple[str, str]]:
+    """GPTQ's settings and calibration text, as the weights' header records them, and the
+    time it took (recorded beside the weights once done)."""
+    if meta.get("quantization_method") != "gptq" or "gptq" not in meta:
+        return [("method", "round to nearest")] if meta.get("quantization_method") else []
+    gptq = json.loads(meta["gptq"])
+    text = gptq["calibration"]
+    return [
+        ("method", f"GPTQ (damp {gptq['damp']}, block size {gptq['block_size']}, no act-order)"),
+        ("calibration", f"{text['samples']} × {text['seq_len']} tokens of {text['name']}"),
+        ("calibration sha256", text["sha256"]),
+        *_gptq_time(folder),
+    ]
+
+
+def _gptq_time(folder: Path) -> list[tuple[str, str]]:
+    from quantcli.models.gptq import GPTQ_RECORD
+
+    try:
+        seconds = float(json.loads((folder / GPTQ_RECORD).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [("GPTQ time", f"{seconds:.0f} s")]
 
 
 def _usage_section(repo_id: str, summary: CheckpointSummary) -> list[str]:

@@ -12,6 +12,7 @@ import copy
 import errno
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -48,6 +49,7 @@ from quantcli.errors import (
     UsageError,
 )
 from quantcli.files import model_root, umask_mode
+from quantcli.models.gptq import GPTQ_RECORD, GPTQSettings
 from quantcli.models.keys import KeyLayout, Slot, UnknownLayoutError
 from quantcli.models.moe import ROUTER_REASON, experts_excluded, plan_experts
 from quantcli.models.replace import (
@@ -138,6 +140,8 @@ def quantize_checkpoint(
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
     allow_pickle: bool = False,
+    gptq: GPTQSettings | None = None,
+    on_block: Callable[[int, int], None] | None = None,
 ) -> QuantizeSummary:
     """Write `source` quantized per `config` to the folder `out`.
 
@@ -145,6 +149,8 @@ def quantize_checkpoint(
     receives the number of output modules, `on_tensor` each one's name as it is written
     (for progress bars). `allow_pickle` converts a pickle-only source to safetensors first
     (with ``torch.load(weights_only=True)``, in a temporary folder beside `out`).
+    `gptq`: quantize with GPTQ on these calibration samples instead of rounding to nearest
+    (`quantcli.models.gptq`); `on_block` then receives (blocks done, blocks) as they are.
     """
     out = out.expanduser().resolve()
     _check_output_target(source, out, overwrite)
@@ -172,6 +178,8 @@ def quantize_checkpoint(
                 command=command,
                 on_start=on_start,
                 on_tensor=on_tensor,
+                gptq=gptq,
+                on_block=on_block,
             )
     started = time.perf_counter()
     if max_shard_size < 1:
@@ -212,7 +220,22 @@ def quantize_checkpoint(
         )
     untie = heads_to_untie(skeleton, report.replaced, hf_config, trust_remote_code)
     quantized = [*report.replaced, *([report.embeddings] if report.embeddings else [])]
-    plan = _plan(skeleton, layout, tensors, quantized, experts, config, untie)
+    runner = None
+    if gptq is not None:  # --method gptq: block layers come from the block-by-block walk
+        runner = _gptq_runner(
+            skeleton,
+            hf_config,
+            layout,
+            tensors,
+            report.replaced,
+            experts,
+            config,
+            gptq,
+            trust_remote_code,
+        )
+        runner.on_block = on_block
+    quantizer = runner.quantizer(_quantizer) if runner else _quantizer
+    plan = _plan(skeleton, layout, tensors, quantized, experts, config, untie, quantizer)
     conv1d = any(isinstance(skeleton.get_submodule(name), Conv1D) for name in report.replaced)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +257,9 @@ def quantize_checkpoint(
         metadata["quantcli_command"] = command or ""
         metadata["quantized_conv1d"] = "true" if conv1d else "false"
         metadata["quantized_experts"] = "true" if experts else "false"
+        metadata["quantization_method"] = "gptq" if gptq else "rtn"
+        if runner:
+            metadata["gptq"] = json.dumps({**gptq.describe(), "rtn_layers": runner.rtn_layers})
         if on_start:
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
@@ -246,6 +272,10 @@ def quantize_checkpoint(
         if config.dtype is not None:
             hf_config.dtype = config.dtype
         hf_config.save_pretrained(staging)
+        if runner:  # what the header could not know when it was written
+            record = {**gptq.describe(), "rtn_layers": runner.rtn_layers}
+            record["seconds"] = round(runner.seconds, 3)
+            (staging / GPTQ_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         for path in side_files(source.folder):  # contents as regular files, never links
             if path.name != "config.json":
                 shutil.copyfile(path, staging / path.name)
@@ -272,6 +302,33 @@ def quantize_checkpoint(
         seconds=time.perf_counter() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
+
+
+def _gptq_runner(
+    skeleton, hf_config, layout, tensors, replaced, experts, config, gptq, trust_remote_code
+):
+    """The GPTQ walk over a float32 skeleton of the model, its tensors by the model's keys.
+
+    Refuses what the walk does not cover yet: experts (it calibrates linear layers) and
+    layers saved under other names than the model's (the writer asks for saved names)."""
+    from quantcli.models.gptq import GPTQRunner
+
+    if experts:
+        raise UsageError(
+            "--method gptq does not quantize mixture-of-experts layers yet: use --method rtn."
+        )
+    renamed = [name for name in replaced if layout.saved_module(name) != name]
+    if renamed:
+        raise UsageError(
+            f"--method gptq: transformers saves {renamed[0]} under another name "
+            f"({layout.saved_module(renamed[0])}), which the GPTQ walk does not map yet: "
+            "use --method rtn."
+        )
+    float_skeleton = build_skeleton(
+        hf_config, torch.float32, trust_remote_code
+    ).eval()  # no dropout
+    by_key = {layout.slot(key).key: info for key, info in tensors.items()}
+    return GPTQRunner(float_skeleton, by_key, replaced, config, gptq)
 
 
 def _weights_sha256(files: list[Path]) -> str:
@@ -350,6 +407,7 @@ def _plan(
     experts: dict[str, list[str]],
     config: QuantConfig,
     untie: dict[str, str],
+    quantizer: Callable | None = None,
 ) -> _Plan:
     """Map every source tensor to the output tensors it becomes, under the names
     ``save_pretrained`` gives them (`KeyLayout.saved`). `untie` maps tied keys (target:
@@ -379,6 +437,7 @@ def _plan(
                 config,
                 scale_dtypes[saved_module],
                 isinstance(module, Conv1D),
+                quantizer,
             )
         )
     for names in experts.values():
@@ -452,7 +511,9 @@ def untie_word_embeddings(hf_config) -> None:
             config.tie_word_embeddings = False
 
 
-def _quantized_item(name, out_features, in_features, info, config, scale_dtype, transposed):
+def _quantized_item(
+    name, out_features, in_features, info, config, scale_dtype, transposed, quantizer=None
+):
     layout = QuantLinear(in_features, out_features, False, config, scale_dtype, "meta")
     return _Item(
         module=name,
@@ -460,7 +521,7 @@ def _quantized_item(name, out_features, in_features, info, config, scale_dtype, 
             TensorSpec(f"{name}.{key}", t.dtype, tuple(t.shape))
             for key, t in layout.state_dict().items()
         ],
-        produce=_quantizer(name, info, config, scale_dtype, transposed),
+        produce=(quantizer or _quantizer)(name, info, config, scale_dtype, transposed),
         quantized_params=out_features * in_features,
     )
 
@@ -613,16 +674,6 @@ def _group_misfit_message(skeleton, report, config: QuantConfig) -> str:
             else "no group size from 8 up fits every layer: use --granularity channel."
         )
     )
-
-
-def model_key(key: str, model_keys: set[str], prefix: str) -> str:
-    """A checkpoint key as the model names it (checkpoints of a base model lack the prefix)."""
-    if key in model_keys or not prefix:
-        return key
-    if f"{prefix}.{key}" in model_keys:
-        return f"{prefix}.{key}"
-    stripped = key.removeprefix(f"{prefix}.")
-    return stripped if stripped in model_keys else key
 
 
 def _quantizer(name, info, config, scale_dtype, transposed):

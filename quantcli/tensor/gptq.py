@@ -1,0 +1,191 @@
+"""GPTQ (Frantar et al., 2022): round a weight column by column, feeding each column's
+rounding error into the columns not yet rounded, weighted by the inverse Hessian of the
+layer's inputs, so that the layer's *outputs* on those inputs move least.
+
+Pure tensor math, like `quantcli.tensor.quantize`, and in its exact format: scales and zero
+points come from `quantize()` (so rounding up to the storage dtype, the asymmetric range
+widened to contain 0, all-zero groups...), only the integers differ. With an identity
+Hessian the error feedback vanishes and the result is round-to-nearest bit for bit.
+
+Scales are static (no activation reordering): per tensor and per channel they are computed
+once from the whole weight up front; per group, from the error-updated weights of the group
+at the moment its first column is reached (AutoGPTQ's and llm-compressor's static groups).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantcli.config import Granularity, Scheme
+from quantcli.errors import InvalidTensorError, UsageError
+from quantcli.tensor.quantize import QuantizedTensor, groups_per_row, int_range, quantize
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
+
+
+class Hessian:
+    """``H = 2/n · Σ x xᵀ`` over the n input rows a layer has seen: each batch's product in
+    float32, summed in float64 (so many batches lose nothing to rounding)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.rows = 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        self.add_product(*input_product(x))
+
+    def add_product(self, product: torch.Tensor, rows: int) -> None:
+        """Add a batch's ``xᵀx`` (from `input_product`, shareable by layers that read the
+        same input: q/k/v, gate/up)."""
+        self.sum += product
+        self.rows += rows
+
+    def value(self) -> torch.Tensor:
+        if not self.rows:
+            raise UsageError("no calibration input reached this layer.")
+        return (2 / self.rows * self.sum).float()
+
+
+def input_product(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``xᵀx`` of a batch of inputs ``(..., in)`` and its number of rows."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    return x.t() @ x, x.shape[0]
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    scheme: Scheme | str = Scheme.SYM,
+    granularity: Granularity | str = Granularity.CHANNEL,
+    group_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    optimize: bool = False,
+    prepared: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> QuantizedTensor:
+    """GPTQ-quantize a float weight ``(out, in)`` given ``H`` ``(in, in)`` of its inputs.
+
+    `damp`: the fraction of the mean of H's diagonal added to the diagonal before inverting
+    (keeps the inverse well conditioned); `block_size`: columns whose updates to the columns
+    after them are applied at once (the paper's lazy batches: the same result, faster).
+    Columns with a zero diagonal (inputs always zero: dead) are set to zero, as in the
+    paper: any value there leaves the outputs unchanged on the calibration data.
+    `prepared`: `prepare_hessian(hessian, damp)` already computed (layers that read the
+    same inputs share it).
+    """
+    scheme, granularity = Scheme(scheme), Granularity(granularity)
+    q_min, q_max = int_range(bits)
+    if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise InvalidTensorError(
+            f"GPTQ needs a 2-D weight and a square Hessian of its input width; got "
+            f"{tuple(weight.shape)} and {tuple(hessian.shape)}."
+        )
+    if not damp > 0:
+        raise UsageError(f"damp={damp} must be positive.")
+    if block_size < 1:
+        raise UsageError(f"block_size={block_size} must be a positive integer.")
+    dtype = dtype or weight.dtype
+    rows, columns = weight.shape
+    if granularity is Granularity.GROUP:
+        groups_per_row(columns, group_size)
+
+    # tensor and channel scales: once, from the whole float weight (quantize() checks it)
+    upfront = None
+    if granularity is not Granularity.GROUP:
+        upfront = quantize(weight, bits, scheme, granularity, None, dtype, optimize)
+    elif not torch.isfinite(weight).all():
+        quantize(weight, bits, scheme, granularity, group_size, dtype)  # raises its message
+
+    w = weight.detach().float().clone()
+    dead, u = prepared or prepare_hessian(hessian, damp)
+    w[:, dead] = 0
+
+    qdata = torch.empty(weight.shape, dtype=torch.int8)
+    scales, zeros = [], []
+    scale = zero = None
+    if upfront is not None:
+        scale = upfront.scale.float().reshape(-1, 1).expand(rows, 1)[:, 0]
+        zero = None if upfront.zero_point is None else upfront.zero_point.float()
+        zero = None if zero is None else zero.reshape(-1, 1).expand(rows, 1)[:, 0]
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        u_block = u[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if granularity is Granularity.GROUP and column % group_size == 0:
+                current = _current_group(w, block, errors, u, start, i, group_size)
+                group = quantize(current, bits, scheme, Granularity.CHANNEL, None, dtype, optimize)
+                scales.append(group.scale)
+                zeros.append(group.zero_point)
+                scale = group.scale.float()[:, 0]
+                zero = None if group.zero_point is None else group.zero_point.float()[:, 0]
+            values = block[:, i]
+            # quantize()'s own order of operations: the same integers on the same values
+            shifted = values / scale
+            if zero is not None:
+                shifted = shifted + zero
+            q = shifted.round().clamp(q_min, q_max)
+            qdata[:, column] = q.to(torch.int8)
+            restored = (q - zero) * scale if zero is not None else q * scale
+            error = (values - restored) / u_block[i, i]
+            block[:, i:].addr_(error, u_block[i, i:], alpha=-1)
+            errors[:, i] = error
+        w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1)
+
+    if upfront is not None:
+        return QuantizedTensor(
+            qdata, upfront.scale, upfront.zero_point, bits, scheme, granularity, None
+        )
+    return QuantizedTensor(
+        qdata=qdata,
+        scale=torch.cat(scales, dim=1),
+        zero_point=None if scheme is Scheme.SYM else torch.cat(zeros, dim=1),
+        bits=bits,
+        scheme=scheme,
+        granularity=granularity,
+        group_size=group_size,
+    )
+
+
+def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dead columns (zero diagonal) and the upper Cholesky factor of the damped H⁻¹."""
+    h = hessian.detach().float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    return dead, _inverse_cholesky_upper(h)
+
+
+def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U holds, scaled, how the
+    error of column i spreads over the columns after it once columns before i are fixed."""
+    try:
+        lower = torch.linalg.cholesky(h.double())
+        inverse = torch.cholesky_inverse(lower)
+        return torch.linalg.cholesky(inverse, upper=True).float()
+    except torch.linalg.LinAlgError:
+        raise UsageError(
+            "the Hessian of a layer's inputs is not positive definite even after damping: "
+            "raise --damp (e.g. 0.1) or give more calibration text."
+        ) from None
+
+
+def _current_group(w, block, errors, u, start, i, group_size) -> torch.Tensor:
+    """The group starting at column ``start + i`` as the rounding so far has updated it:
+    columns inside the block carry every update; those past it still owe the updates of
+    this block's columns already rounded (applied lazily at the block's end)."""
+    end = start + block.shape[1]
+    column = start + i
+    inside = block[:, i : i + group_size]
+    beyond = min(column + group_size, w.shape[1])
+    if beyond <= end:
+        return inside
+    pending = w[:, end:beyond] - errors[:, :i] @ u[start : start + i, end:beyond]
+    return torch.cat([inside, pending], dim=1)
