@@ -152,9 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--layers", type=int, default=13)
-    parser.add_argument("--tokens", type=int, default=256, help="token ids for the logits")
+    parser.add_argument("--tokens", type=int, default=128, help="token ids for the logits")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=3, help="decode runs (best of)")
+    parser.add_argument("--runs", type=int, default=1, help="decode runs (best of)")
     parser.add_argument("--only", nargs="+", choices=list(SCHEMES), help="schemes to run")
     parser.add_argument("--keep", action="store_true", help="keep the quantized checkpoints")
     parser.add_argument("--docs", action="store_true", help="also write docs/generated/moe.md")
@@ -198,7 +198,7 @@ def main() -> None:
         "× smaller",
         "quantize s",
         "quantize peak RSS",
-        "max |Δlogit| / max |logit|",
+        "max abs Δlogit / max abs logit",
         "mean KL / token",
         "top-1 agree",
         "decode tok/s",
@@ -273,7 +273,7 @@ def main() -> None:
             "after a 16-token prompt, prefill excluded; quantcli loaded with its default "
             f"dtype (in brackets), timed in alternation with the float {base} model (the "
             "faster float dtype here), best of "
-            f"{args.runs} runs. Quantize: `quantize_checkpoint` alone in a child process "
+            f"{args.runs} run(s). Quantize: `quantize_checkpoint` alone in a child process "
             "(peak RSS of that process, imports included). "
             f"`python scripts/bench_moe.py --docs` (`make bench`).",
         )
