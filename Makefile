@@ -49,6 +49,8 @@ bench: $(VENV)/.smollm2 $(PEERS)/.installed
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
 		$(PY) scripts/bench_accuracy.py --cache $(CACHE) --docs
 	$(PY) scripts/bench_gptq.py --cache $(CACHE) --docs
+	$(PY) scripts/bench_moe.py --cache $(CACHE) --docs
+	$(PY) scripts/bench_tied_head.py --cache $(CACHE) --docs
 
 # vLLM for CPU, to check that it serves quantcli's checkpoints (`make test-vllm`, not in CI;
 # 3.4 GB, 2 min to install, 5-8 min to run on 2 cores). Own venv: it pins its own torch.
