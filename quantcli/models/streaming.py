@@ -417,6 +417,7 @@ def _plan(
     sources = _sources(tensors, slots, layout)  # saved key -> the tensor (or piece) holding it
     plan = _Plan()
     scale_dtypes: dict[str, torch.dtype] = {}  # saved module name -> its scales' dtype
+    layers = []  # (saved module, (out, in), source tensor, stored transposed, quantizer)
     for name in replaced:
         saved = layout.saved_name(Slot(f"{name}.weight"))
         info = sources.get(saved)
@@ -425,8 +426,11 @@ def _plan(
         if info is None:
             raise CheckpointError(f"the checkpoint has no tensor {name}.weight for layer {name}.")
         module = skeleton.get_submodule(name)
-        out_features, in_features = quantized_weight(module).shape
-        saved_module = saved.removesuffix(".weight")
+        shape = quantized_weight(module).shape
+        layers.append((saved.removesuffix(".weight"), shape, info, isinstance(module, Conv1D)))
+    for names in experts.values():  # rounded to nearest: the GPTQ walk refuses experts
+        layers += [(n, sources[f"{n}.weight"].shape, sources[f"{n}.weight"], False) for n in names]
+    for saved_module, (out_features, in_features), info, transposed in layers:
         scale_dtypes[saved_module] = config.dtype or _stored_float(info.dtype)
         plan.add(
             _quantized_item(
@@ -436,26 +440,10 @@ def _plan(
                 info,
                 config,
                 scale_dtypes[saved_module],
-                isinstance(module, Conv1D),
+                transposed,
                 quantizer,
             )
         )
-    for names in experts.values():
-        for saved_module in names:
-            info = sources[f"{saved_module}.weight"]
-            out_features, in_features = info.shape
-            scale_dtypes[saved_module] = config.dtype or _stored_float(info.dtype)
-            plan.add(
-                _quantized_item(
-                    saved_module,
-                    out_features,
-                    in_features,
-                    info,
-                    config,
-                    scale_dtypes[saved_module],
-                    False,
-                )
-            )
     copies = {
         layout.saved_name(Slot(target)): sources.get(layout.saved_name(Slot(origin)))
         for target, origin in untie.items()
