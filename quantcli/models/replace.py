@@ -32,12 +32,13 @@ class ReplacementReport:
     unused_excludes: list[str] = field(default_factory=list)  # patterns matching no layer
     embeddings: str | None = None  # the input embeddings, quantized (quantize_embeddings)
     shared_head: str | None = None  # a head tied to them: computes from the quantized table
+    heads: set[str] = field(default_factory=set)  # the output head(s), quantized or not
 
 
 def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport:
     """Which linear layers `config` quantizes, and why it keeps the others, without changes."""
-    report = ReplacementReport()
-    heads = output_head_names(model)
+    report = ReplacementReport(heads=output_head_names(model))
+    heads = report.heads
     if config.quantize_embeddings:
         report.embeddings, report.shared_head = _embeddings_to_quantize(model, heads)
     direct = _weights_read_directly(model)

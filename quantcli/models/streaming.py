@@ -54,7 +54,6 @@ from quantcli.models.keys import KeyLayout, Slot, UnknownLayoutError
 from quantcli.models.moe import ROUTER_REASON, experts_excluded, plan_experts
 from quantcli.models.replace import (
     matches,
-    output_head_names,
     plan_replacement,
     quantized_weight,
 )
@@ -264,8 +263,7 @@ def quantize_checkpoint(
             on_start(len({item.module for item in plan.items}))
         _write_shards(staging, shards, metadata, on_tensor)
         ignore = {layout.saved_module(name) for name in report.skipped} | set(excluded_experts)
-        heads = {layout.saved_module(name) for name in output_head_names(skeleton)}
-        heads &= {layout.saved_module(name) for name in report.replaced}
+        heads = {layout.saved_module(name) for name in report.replaced if name in report.heads}
         hf_config.quantization_config = quantization_config(config, sorted(ignore), sorted(heads))
         if untie:
             untie_word_embeddings(hf_config)
