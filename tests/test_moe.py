@@ -454,6 +454,25 @@ def test_excluding_some_experts_of_a_layer_is_refused(moe_source, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_group_size_that_does_not_divide_the_experts_is_refused_with_the_sizes_that_fit(
+    tmp_path,
+):
+    """Experts 48 wide (attention and routers 64): groups of 32 would leave the experts'
+    down_proj with a partial group. The sizes offered fit every layer, experts included:
+    the divisors of gcd(64, 48) = 16 from 8 up."""
+    config = MOE_CONFIGS["qwen3_moe"]()
+    config.moe_intermediate_size = 48
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    with pytest.raises(UsageError) as refused:
+        quantize(tmp_path / "src", tmp_path / "q", QuantConfig(bits=4, group_size=32))
+    assert str(refused.value) == (
+        "--group-size 32 does not divide the input width of 2 layer(s) "
+        "(model.layers.0.mlp.experts.down_proj: 48); group sizes that fit every layer: 8, 16."
+    )
+    assert not (tmp_path / "q").exists()
+    quantize(tmp_path / "src", tmp_path / "q", QuantConfig(bits=4, group_size=16))
+
+
 def test_sharded_moe_source_and_output(moe_source, tmp_path):
     source = tmp_path / "sharded"
     build("qwen2_moe").save_pretrained(source, max_shard_size="100KB")

@@ -33,7 +33,7 @@ from quantcli.errors import CheckpointError
 from quantcli.models.keys import KeyLayout, Slot
 from quantcli.models.moe import experts_excluded, plan_experts, replace_experts
 from quantcli.models.replace import replace_linear_layers
-from quantcli.models.skeleton import build_skeleton, load_hf_config
+from quantcli.models.skeleton import build_skeleton, load_hf_config, tied_keys
 from quantcli.models.source import ModelSource, resolve_model
 from quantcli.nn.kernels import preferred_dtype, prepare_kernels
 from quantcli.nn.qexperts import QuantExperts
@@ -102,7 +102,7 @@ def load_quantized(
     _check_against_skeleton(
         {names[key]: info for key, info in tensors.items() if key in names},
         expected,
-        _tied_keys(model, expected) | _stacked_keys(pieces) | unsaved,
+        tied_keys(model, expected) | _stacked_keys(pieces) | unsaved,
     )
 
     # one module at a time, so that a layer's file tensors are freed once it has taken them
@@ -177,18 +177,6 @@ def summarize_folder(folder: Path) -> CheckpointSummary:
     """What a model folder holds, from config.json and the safetensors headers only."""
     raw = load_hf_config(folder).to_dict().get("quantization_config")
     return summarize(folder, raw)
-
-
-def _tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
-    """State-dict keys that are another key's tensor (a tied output head): not in files."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, tensor in expected.items():
-        if id(tensor) in seen:
-            tied.add(name)
-        seen.setdefault(id(tensor), name)
-    tied.update(getattr(model, "all_tied_weights_keys", {}) or {})
-    return tied
 
 
 def _unsaved_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:

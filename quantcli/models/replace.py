@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from quantcli.config import Granularity, QuantConfig
 from quantcli.errors import InvalidTensorError, UsageError
+from quantcli.models.skeleton import repeated_tensors
 from quantcli.nn.qembedding import QuantEmbedding, QuantTiedHead
 from quantcli.nn.qlinear import QuantLinear
 
@@ -42,7 +43,7 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
     if config.quantize_embeddings:
         report.embeddings, report.shared_head = _embeddings_to_quantize(model, heads)
     direct = _weights_read_directly(model)
-    tied = _tied_elsewhere(model)
+    tied = repeated_tensors(model.named_parameters(remove_duplicate=False))
     for name, module in model.named_modules():
         weight = linear_weight(module)
         if weight is None or name == report.shared_head:
@@ -55,14 +56,15 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
             # an enclosing module multiplies by (or rescales) `<layer>.weight` itself
             reason = f"{direct[name]} reads its float weight directly"
         in_features, group_size = weight.shape[1], config.group_size
-        if reason is None and _misfit(in_features, config):
+        if reason is None and splits_into_partial_groups(in_features, config):
             reason = f"in_features={in_features} is not a multiple of group_size={group_size}"
             report.group_misfits.append(name)
         if reason:
             report.skipped[name] = reason
         else:
             report.replaced.append(name)
-    if report.embeddings and _misfit(model.get_submodule(report.embeddings).embedding_dim, config):
+    table = model.get_submodule(report.embeddings) if report.embeddings else None
+    if table is not None and splits_into_partial_groups(table.embedding_dim, config):
         report.group_misfits.append(report.embeddings)
     linears = [*report.replaced, *report.skipped]
     report.unused_excludes = [
@@ -71,7 +73,8 @@ def plan_replacement(model: nn.Module, config: QuantConfig) -> ReplacementReport
     return report
 
 
-def _misfit(in_features: int, config: QuantConfig) -> bool:
+def splits_into_partial_groups(in_features: int, config: QuantConfig) -> bool:
+    """A group-wise `config` whose group size does not divide the input width."""
     return config.granularity is Granularity.GROUP and in_features % config.group_size != 0
 
 
@@ -226,18 +229,6 @@ def _paths_read(cls: type) -> tuple[frozenset[str], frozenset[str]]:
                     (exact if receiver == "self" else anywhere).add(path)
         _paths_cache[cls] = (frozenset(exact), frozenset(anywhere))
     return _paths_cache[cls]
-
-
-def _tied_elsewhere(model: nn.Module) -> dict[str, str]:
-    """Parameter names whose tensor a module registered earlier also holds (LUKE's entity
-    head is its entity embeddings), each with that first name."""
-    first: dict[int, str] = {}
-    tied = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied[name] = first[id(param)]
-        first.setdefault(id(param), name)
-    return tied
 
 
 def _embeddings(model: nn.Module, getter: str) -> nn.Module | None:

@@ -8,7 +8,7 @@ them here means nothing has to rebuild them after loading.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -92,6 +92,25 @@ _LAYER_FIELDS = (
     "encoder_layers",
     "decoder_layers",
 )
+
+
+def repeated_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """Names whose tensor an earlier name already holds (a tied output head, LUKE's entity
+    head), each with that first name: a checkpoint holds such a tensor once."""
+    first: dict[int, str] = {}
+    repeated = {}
+    for name, tensor in named:
+        if id(tensor) in first:
+            repeated[name] = first[id(tensor)]
+        first.setdefault(id(tensor), name)
+    return repeated
+
+
+def tied_keys(model: nn.Module, expected: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys that are another key's tensor (a tied output head): not in files."""
+    tied = set(repeated_tensors(expected.items()))
+    tied.update(getattr(model, "all_tied_weights_keys", {}) or {})
+    return tied
 
 
 def _check_layer_count(config: PretrainedConfig) -> None:

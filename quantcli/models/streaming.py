@@ -40,7 +40,7 @@ from quantcli.checkpoint import (
     write_index,
     write_local_source,
 )
-from quantcli.config import Granularity, QuantConfig
+from quantcli.config import QuantConfig
 from quantcli.errors import (
     CheckpointError,
     InvalidTensorError,
@@ -56,8 +56,9 @@ from quantcli.models.replace import (
     matches,
     plan_replacement,
     quantized_weight,
+    splits_into_partial_groups,
 )
-from quantcli.models.skeleton import build_skeleton, load_hf_config
+from quantcli.models.skeleton import build_skeleton, load_hf_config, tied_keys
 from quantcli.models.source import (
     ModelSource,
     card_license,
@@ -198,7 +199,7 @@ def quantize_checkpoint(
         if router in report.replaced:
             report.replaced.remove(router)
         report.skipped[router] = ROUTER_REASON
-    experts, excluded_experts = _plan_experts(skeleton, layout, moe, config)
+    experts, excluded_experts, expert_widths = _plan_experts(skeleton, layout, moe, config)
     report.unused_excludes = [
         pattern
         for pattern in report.unused_excludes
@@ -210,8 +211,13 @@ def quantize_checkpoint(
             f"{source.model_id}: check the pattern against `quantcli inspect` (a glob on full "
             "module names such as 'model.layers.*.mlp.down_proj', or re:REGEX)."
         )
-    if report.group_misfits:
-        raise UsageError(_group_misfit_message(skeleton, report, config))
+    widths = {
+        name: quantized_weight(skeleton.get_submodule(name)).shape[1]
+        for name in [*report.replaced, *report.group_misfits]
+    } | expert_widths
+    misfits = [name for name, width in widths.items() if splits_into_partial_groups(width, config)]
+    if misfits:
+        raise UsageError(_group_misfit_message(widths, misfits, config))
     if not report.replaced and not experts and not report.embeddings:
         raise UsageError(
             f"{source.model_id} has no linear layer to quantize with these settings "
@@ -359,10 +365,12 @@ def _all_expert_names(layout: KeyLayout, moe) -> list[str]:
 
 
 def _plan_experts(skeleton, layout, moe, config: QuantConfig):
-    """The experts modules to quantize, with their saved matrices' names, and the saved
-    names of those kept in float by --exclude."""
+    """The experts modules to quantize, with their saved matrices' names; the saved names
+    of those kept in float by --exclude; and the input width of each quantized fused
+    parameter (``...experts.gate_up_proj``), which the group size must divide."""
     quantized: dict[str, list[str]] = {}
     excluded: list[str] = []
+    widths: dict[str, int] = {}
     for experts in moe.experts:
         names = _expert_names(layout, experts)
         module = skeleton.get_submodule(experts)
@@ -383,18 +391,10 @@ def _plan_experts(skeleton, layout, moe, config: QuantConfig):
         if verdict:
             excluded.extend(names)
             continue
-        if config.granularity is Granularity.GROUP:
-            widths = {attr: p.shape[2] for attr, p in module.named_parameters(recurse=False)}
-            misfit = {attr: w for attr, w in widths.items() if w % config.group_size}
-            if misfit:
-                attr, width = next(iter(misfit.items()))
-                raise UsageError(
-                    f"--group-size {config.group_size} does not divide the input width of the "
-                    f"experts {experts}.{attr} ({width}): choose a group size that divides "
-                    f"{math.gcd(*widths.values())}, or --granularity channel."
-                )
         quantized[experts] = names
-    return quantized, excluded
+        for attr, param in module.named_parameters(recurse=False):
+            widths[f"{experts}.{attr}"] = param.shape[2]
+    return quantized, excluded, widths
 
 
 def _plan(
@@ -547,8 +547,6 @@ def _check_tensor_names(skeleton, tensors, slots, layout: KeyLayout) -> dict[str
     into a checkpoint no loader accepts, one of the wrong shape, and a missing one the
     model needs (a norm weight: the model would run with garbage), except a tied head,
     which is the embeddings."""
-    from quantcli.models.loading import _tied_keys
-
     expected = layout.expected
     saved_slots = set(layout.saved_slots.values())
     ignored = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_unexpected")
@@ -584,7 +582,7 @@ def _check_tensor_names(skeleton, tensors, slots, layout: KeyLayout) -> dict[str
             )
     optional = _ignore_patterns(skeleton, "_keys_to_ignore_on_load_missing")
     present = set(slots[key] for key in tensors)
-    tied = _tied_keys(skeleton, expected)
+    tied = tied_keys(skeleton, expected)
     missing = sorted(
         layout.saved_name(slot)
         for slot in saved_slots
@@ -640,20 +638,17 @@ def _side_file_warnings(folder: Path) -> list[str]:
     return []
 
 
-def _group_misfit_message(skeleton, report, config: QuantConfig) -> str:
-    """Why a group size cannot be used, and the group sizes that fit every layer (the
-    divisors of the widths' greatest common divisor, from 8 up): no layer is left in float
-    silently because its width does not split into whole groups."""
-    widths = {
-        name: quantized_weight(skeleton.get_submodule(name)).shape[1]
-        for name in [*report.replaced, *report.group_misfits]
-    }
+def _group_misfit_message(widths: dict[str, int], misfits: list[str], config) -> str:
+    """Why a group size cannot be used, and the group sizes that fit every layer to be
+    quantized, experts included (the divisors of the widths' greatest common divisor, from 8
+    up): no layer is left in float silently because its width does not split into whole
+    groups."""
     common = math.gcd(*widths.values())
     fitting = [size for size in range(8, common + 1) if common % size == 0]
-    first = report.group_misfits[0]
+    first = misfits[0]
     return (
         f"--group-size {config.group_size} does not divide the input width of "
-        f"{len(report.group_misfits)} layer(s) ({first}: {widths[first]}); "
+        f"{len(misfits)} layer(s) ({first}: {widths[first]}); "
         + (
             f"group sizes that fit every layer: {', '.join(map(str, fitting))}."
             if fitting
