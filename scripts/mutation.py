@@ -52,6 +52,8 @@ FAST_TESTS = [
     "tests/test_fast_paths.py",
     "tests/test_tied_heads.py",
     "tests/test_moe.py",
+    "tests/test_qembedding.py",
+    "tests/test_qexperts.py",
 ]
 #: Tests left out of the mutation runs: those that run quantcli in a subprocess, where the
 #: mutants' trampolines cannot import mutmut (it is kept off the venv), the CLI fuzz

@@ -19,12 +19,20 @@ helpers here state once so every test applies them the same way:
 from __future__ import annotations
 
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
-__all__ = ["args", "ct_dequantize", "ct_quantize", "reference_qparams", "reference_step"]
+__all__ = [
+    "args",
+    "ct_dequantize",
+    "ct_dequantized",
+    "ct_quantize",
+    "reference_qparams",
+    "reference_step",
+]
 
 
 def args(bits: int, scheme: str, granularity: str, group_size: int | None) -> QuantizationArgs:
@@ -68,3 +76,19 @@ def reference_step(weight, bits, scheme, granularity, group_size=None) -> torch.
     if scale.ndim == 2:
         scale = scale.repeat_interleave(in_features // scale.shape[1], dim=1)
     return scale.expand(out_features, in_features)
+
+
+def ct_dequantized(files: dict, name: str, bits: int, shape) -> torch.Tensor:
+    """A quantized table or weight from its files, by compressed-tensors' unpacking and
+    formula ``scale * (q - zero)``: no quantcli code."""
+    codes = unpack_from_int32(files[f"{name}.weight_packed"], bits, torch.Size(shape)).float()
+    scale = files[f"{name}.weight_scale"].float()
+    zero = files.get(f"{name}.weight_zero_point")
+    if zero is not None and zero.dtype == torch.int32:
+        zero = unpack_from_int32(zero, bits, torch.Size(scale.shape), packed_dim=0)
+    width = shape[1] // scale.shape[1] if scale.ndim == 2 else shape[1]
+    scale = scale.repeat_interleave(width, dim=1) if scale.ndim == 2 else scale
+    if zero is None:
+        return scale * codes
+    zero = zero.float().repeat_interleave(width, dim=1) if zero.ndim == 2 else zero.float()
+    return scale * (codes - zero)

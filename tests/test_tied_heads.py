@@ -17,6 +17,7 @@ import pytest
 import torch
 from cli_checks import assert_one_line_error, run_quantcli
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from ct_reference import ct_dequantized
 from safetensors.torch import load_file
 from tiny_models import char_tokenizer, sample_inputs
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig
@@ -149,22 +150,6 @@ def test_a_model_that_always_ties_its_head_is_refused_with_nothing_written(saved
     result = run_quantcli("quantize", str(saved_models("t5")), "--out", str(out), "--quantize-head")
     assert_one_line_error(result, 2, "its config ties lm_head.weight to the embeddings")
     assert not out.exists() and not any(tmp_path.iterdir())
-
-
-def ct_dequantized(files: dict, name: str, bits: int, shape) -> torch.Tensor:
-    """A quantized table or weight from its files, by compressed-tensors' unpacking and
-    formula ``scale * (q - zero)``: no quantcli code."""
-    codes = unpack_from_int32(files[f"{name}.weight_packed"], bits, torch.Size(shape)).float()
-    scale = files[f"{name}.weight_scale"].float()
-    zero = files.get(f"{name}.weight_zero_point")
-    if zero is not None and zero.dtype == torch.int32:
-        zero = unpack_from_int32(zero, bits, torch.Size(scale.shape), packed_dim=0)
-    width = shape[1] // scale.shape[1] if scale.ndim == 2 else shape[1]
-    scale = scale.repeat_interleave(width, dim=1) if scale.ndim == 2 else scale
-    if zero is None:
-        return scale * codes
-    zero = zero.float().repeat_interleave(width, dim=1) if zero.ndim == 2 else zero.float()
-    return scale * (codes - zero)
 
 
 EMBEDDING_SCHEMES = {

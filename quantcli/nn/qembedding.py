@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantcli.config import Granularity
-from quantcli.nn.qlinear import QuantLinear, packs_zero_point
+from quantcli.nn.qlinear import QuantLinear
 from quantcli.tensor.packing import unpack_int32
 from quantcli.tensor.quantize import dequantize
 
@@ -46,10 +46,10 @@ class QuantEmbedding(QuantLinear):
             scale = scale[rows]
         zero = getattr(self, "weight_zero_point", None)
         if zero is not None and self.config.granularity is not Granularity.TENSOR:
-            if self.config.packed and packs_zero_point(self.config):
+            if self.config.packed:  # packed along the rows, as the checkpoint has them
                 zero = unpack_int32(zero, self.config.bits, self.out_features, dim=0)
             zero = zero[rows]
-        values = dequantize(codes, scale, zero, self.weight_scale.dtype)
+        values = dequantize(codes, scale, zero)  # in the scale's dtype
         return values.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

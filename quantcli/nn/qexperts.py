@@ -137,14 +137,12 @@ class QuantExperts(nn.Module):
         block = slice(part * rows, (part + 1) * rows)
         self._materialize(packed.device, scale.dtype)
         getattr(self, f"{proj}_packed")[expert, block] = packed
-        getattr(self, f"{proj}_scale")[expert, block] = scale.reshape(-1, scale.shape[-1]).to(
-            getattr(self, f"{proj}_scale").dtype
-        )
+        # per tensor, the file's one scale (and zero point) is broadcast over the rows;
+        # assignment casts to the buffer's dtype
+        getattr(self, f"{proj}_scale")[expert, block] = scale
         if not self.config.symmetric:
             zero = state["weight_zero_point"]
-            if self.config.granularity is Granularity.TENSOR:
-                zero = zero.to(torch.int8).reshape(1, 1)
-            else:
+            if self.config.granularity is not Granularity.TENSOR:  # packed along the rows
                 zero = unpack_int32(zero, self.config.bits, rows, dim=0)
             low, high = int_range(self.config.bits)
             if int(zero.min()) < low or int(zero.max()) > high:
