@@ -381,6 +381,7 @@ def test_transformers_experts_and_plain_ones_are_accepted():
     # the flags transformers' decorator sets, at the values QuantExperts computes
     assert experts_layout_problem(flagged(is_transposed=False, has_bias=False)) is None
     assert experts_layout_problem(flagged(is_concatenated=True, has_gate=True)) is None
+    assert experts_layout_problem(flagged(has_post_expert_norm=False)) is None
 
 
 def with_bias() -> PlainExperts:
@@ -402,6 +403,8 @@ def with_bias() -> PlainExperts:
          "gate_up_proj [4, 12, 8] and down_proj [4, 8, 5] do not fit together"),
         (lambda: flagged(is_transposed=True), "transposed or biased expert weights"),
         (lambda: flagged(has_bias=True), "transposed or biased expert weights"),
+        (lambda: flagged(has_post_expert_norm=True),
+         "a norm after each expert (post_expert_norm)"),
         (lambda: flagged(is_concatenated=False), "gate and up rows interleaved"),
         (lambda: flagged(has_gate=False), "no gated activation"),
         (lambda: flagged(act_fn=nn.functional.silu), "no gated activation"),

@@ -227,8 +227,8 @@ def experts_layout_problem(module: nn.Module) -> str | None:
 
     Known: transformers' fused experts with exactly ``gate_up_proj`` ``(E, 2I, H)`` (gate
     rows first, as ``_default_apply_gate`` splits them) and ``down_proj`` ``(E, H, I)``, no
-    biases, not transposed, an ``act_fn``, called ``(hidden_states, top_k_index,
-    top_k_weights)``.
+    biases, not transposed, no norm after the experts (``has_post_expert_norm``, MuseSpark),
+    an ``act_fn``, called ``(hidden_states, top_k_index, top_k_weights)``.
     """
     params = dict(module.named_parameters(recurse=False))
     if set(params) != set(PROJECTIONS):
@@ -241,6 +241,8 @@ def experts_layout_problem(module: nn.Module) -> str | None:
         return f"gate_up_proj {list(gate_up)} and down_proj {list(down)} do not fit together"
     if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
         return "transposed or biased expert weights"
+    if getattr(module, "has_post_expert_norm", False):
+        return "a norm after each expert (post_expert_norm)"
     if getattr(module, "is_concatenated", True) is False:
         return "gate and up rows interleaved"
     if getattr(module, "has_gate", True) is False or not isinstance(
