@@ -201,7 +201,7 @@ def evaluate_command(
         _print_comparison(results)
     if plot is not None:
         plot_evaluations(results, plot)
-        stderr.print(f"Plot: {plot}")
+        stderr.print(f"Plot: {plot}", soft_wrap=True)  # a path, never broken
 
 
 # the columns of several models' comparison: (header, result key, format)

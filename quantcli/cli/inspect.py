@@ -110,7 +110,7 @@ def inspect(
     if errors is not None:
         _print_layer_errors(errors, against, show_all)
     if plot is not None:
-        stderr.print(f"Plot: {plot}")
+        stderr.print(f"Plot: {plot}", soft_wrap=True)  # a path, never broken
 
 
 def _print_layer_errors(errors: list, original: str, show_all: bool) -> None:
@@ -171,7 +171,7 @@ def _inspect_json(summary: CheckpointSummary) -> dict:
 
 def _print_inspect(summary: CheckpointSummary, path: str) -> None:
     if summary.kind == "float":
-        stdout.print(f"{path} is a plain float checkpoint (not quantized).")
+        stdout.print(f"{path} is a plain float checkpoint (not quantized).", soft_wrap=True)
     elif summary.kind.startswith("other:"):
         stdout.print(
             f"{path} is quantized by another tool ({summary.kind[6:]}); quantcli reads "
