@@ -203,8 +203,9 @@ def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> to
 
 
 def _nothing(layer, dtype: torch.dtype) -> tuple:
-    """The prefill kernels take nothing prepared: they dequantize per call anyway, and
-    converting the bias costs nothing beside that."""
+    """``dequant`` and ``fp32-dequant`` take nothing prepared: they dequantize the whole
+    weight per call anyway (nothing smaller can be kept), and the bias's conversion is
+    negligible beside that."""
     return ()
 
 
