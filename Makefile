@@ -43,9 +43,13 @@ bench: $(VENV)/.smollm2 $(PEERS)/.installed
 	$(PY) scripts/bench.py --cache $(CACHE) --docs
 	$(PY) scripts/bench_memory.py --cache $(CACHE) --docs
 	$(PY) scripts/bench_kernels.py --docs
+	$(PY) scripts/bench_overhead.py --docs
 	$(PY) scripts/bench_threads.py --cache $(CACHE) --docs
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
 		$(PY) scripts/bench_generate.py --cache $(CACHE) --docs
+	$(PY) scripts/bench_generate.py --cache $(CACHE) --docs --model llama-22 \
+		--new-tokens 32 --prompt-tokens 128 --only fp32 bf16 "quantcli int8" \
+		"quantcli int4 g32" "quantcli int4 g128"
 	PYTHONPATH=$(abspath $(PEERS)) PATH=$(abspath $(PEERS))/bin:$$PATH \
 		$(PY) scripts/bench_accuracy.py --cache $(CACHE) --docs
 	$(PY) scripts/bench_gptq.py --cache $(CACHE) --docs

@@ -4,37 +4,53 @@ For each variant of one model, in the same process and on the same prompts:
 - decode: greedy tokens/s over 64 new tokens after a 16-token prompt, prefill excluded
   (time of 64 new tokens minus time of 1);
 - prefill: time to the first token of a 512-token prompt.
-Variants: fp32 and bf16 (transformers), quantcli int8 and int4 g32 (quantized with
-quantcli, loaded with `quantcli.load` at bf16), and, when installed (`make bench` puts
-them in `.cache/peers`), optimum-quanto qint8/qint4 (`quantize` + `freeze`, bf16) and
-torchao `Int8WeightOnlyConfig`. Every quantized variant keeps the output head in float.
-"+ compile": the same model with a static KV cache and a compiled decode step
-(`quantcli generate --compile`), measured after compilation.
+Variants: fp32 and bf16 (transformers), quantcli int8 and int4 g32 (and g128 where every
+layer's width allows it; quantized with quantcli, loaded with `quantcli.load` at bf16), and,
+when installed (`make bench` puts them in `.cache/peers`), optimum-quanto qint8/qint4
+(`quantize` + `freeze`, bf16) and torchao `Int8WeightOnlyConfig`. Every quantized variant
+keeps the output head in float. "+ compile": the same model with a static KV cache and a
+compiled decode step (`quantcli generate --compile`), measured after compilation.
+"via quantcli generate": the int8 model just measured, decoded by `generate_text` (what
+`quantcli generate` runs: its streamer, first-token clock and reported decode speed) in
+turns with transformers' `generate` on the same model; "× generate" is the median ratio.
+
+"× float": decode against the faster of fp32 and bf16 here. "weight MB/token": bytes of
+the weights every decode step reads (linear layers and the output head; an embedding
+lookup reads one row); "% of copy": that times tok/s over the measured copy bandwidth
+(bytes read + written per second), the share of the memory bandwidth decoding reaches.
+`--model llama-22` is a random Llama shaped like TinyLlama-1.1B (hidden 2048, 22 layers),
+where the weights dominate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
+import os
+import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_kernels import copy_bandwidth
 from bench_memory import synthetic_llama
 from report import write_markdown
 from rich.console import Console
 from rich.table import Table
 from smollm2 import smollm2_folder
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import quantcli
 from quantcli.config import QuantConfig
-from quantcli.models.generation import compile_options
+from quantcli.models.generation import compile_options, generate_text
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import quantize_checkpoint
 
 QUANTCLI = {"quantcli int8": QuantConfig(bits=8), "quantcli int4 g32": QuantConfig(bits=4)}
+#: Variants for models whose every linear layer is a multiple of 128 wide.
+WIDE = {"quantcli int4 g128": QuantConfig(bits=4, group_size=128)}
 
 
 def float_model(folder: Path, dtype: torch.dtype, device: str):
@@ -81,7 +97,9 @@ def variants(folder: Path, cache: Path, device: str) -> dict:
         "fp32": lambda: float_model(folder, torch.float32, device),
         "bf16": lambda: float_model(folder, torch.bfloat16, device),
     }
-    for name, config in QUANTCLI.items():
+    config = AutoConfig.from_pretrained(folder)
+    wide = config.hidden_size % 128 == 0 and config.intermediate_size % 128 == 0
+    for name, config in (QUANTCLI | WIDE if wide else QUANTCLI).items():
         found[name] = lambda config=config: quantcli_model(folder, config, cache, device)
     for name in ("bf16", *QUANTCLI):
         found[f"{name} + compile"] = found[name]
@@ -135,6 +153,46 @@ def measure(model, device: str, new_tokens: int, prompt_tokens: int, compiled: b
     return (new_tokens - 1) / max(full - first, 1e-9), prefill
 
 
+def weight_bytes_per_token(model) -> int:
+    """Bytes of the weights a decode step reads: every layer's but the input embeddings'
+    (a lookup reads one row), a tied table counted once, as the head."""
+    embeddings = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    seen, total = set(), 0
+    for module in model.modules():
+        if module is embeddings and module is not getattr(head, "table", head):
+            continue
+        for tensor in module.buffers(recurse=False):
+            if id(tensor) not in seen and tensor.dim() >= 1 and tensor.numel() > 1:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+        for name, tensor in module.named_parameters(recurse=False):
+            if id(tensor) not in seen and name == "weight" and tensor.dim() == 2:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def generate_text_against_generate(model, tokenizer, new_tokens: int, rounds: int = 3) -> tuple:
+    """(decode tok/s that `generate_text` reports, its ratio to transformers' `generate` on
+    the same model), medians of `rounds` runs in turns; no end-of-text stop on either."""
+    model.generation_config.eos_token_id = None
+    prompt = "The history of the city of Paris begins"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    ours, ratios = [], []
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        for _ in range(rounds):
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            result = generate_text(
+                model, tokenizer, prompt, max_new_tokens=new_tokens, chat=False, streamer=streamer
+            )
+            first = timed_generate(model, ids, 1, {})
+            full = timed_generate(model, ids, new_tokens, {})
+            ours.append(result.decode_tokens_per_second)
+            ratios.append(ours[-1] * (full - first) / (new_tokens - 1))
+    return statistics.median(ours), statistics.median(ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
@@ -145,8 +203,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--only", nargs="+", help="variant names to run (default: all)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--docs", action="store_true", help="also write docs/generated/*.md")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.model == "smollm2":
         folder = smollm2_folder(args.cache)
     else:
@@ -157,33 +218,66 @@ def main() -> None:
         f"{folder.name} on {args.device}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}: decode {args.new_tokens} tokens, prefill {args.prompt_tokens}"
     )
-    results = {}
+    bandwidth = copy_bandwidth(args.device)
+    tokenizer = (
+        AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").exists() else None
+    )
+    results, weights, loads, through_cli = {}, {}, {}, None
     for name, build in variants(folder, args.cache, args.device).items():
         if args.only and name not in args.only:
             continue
         model = build()
         compiled = name.endswith(" + compile")
         results[name] = measure(model, args.device, args.new_tokens, args.prompt_tokens, compiled)
+        weights[name], loads[name] = weight_bytes_per_token(model), os.getloadavg()[0]
         console.print(f"{name}: {results[name][0]:.2f} tok/s, prefill {results[name][1]:.2f} s")
+        if name == "quantcli int8" and tokenizer is not None:
+            through_cli = generate_text_against_generate(model, tokenizer, args.new_tokens)
+            console.print(f"{name} via quantcli generate: {through_cli[1]:.2f}x generate")
         del model
         gc.collect()
-    table = Table("variant", "decode tok/s", "× bf16", "prefill s", "× fp32 time")
-    base_decode = results.get("bf16", (float("nan"),))[0]
-    base_prefill = results.get("fp32", (0, float("nan")))[1]
+    table = Table(
+        "variant",
+        "decode tok/s",
+        "× bf16",
+        "× float",
+        "weight MB/token",
+        "% of copy",
+        "prefill s",
+        "× fp32 time",
+        "load avg",
+    )
+    nan = float("nan")
+    base_decode = results.get("bf16", (nan,))[0]
+    float_decode = max(results.get(name, (nan,))[0] for name in ("fp32", "bf16"))
+    base_prefill = results.get("fp32", (0, nan))[1]
     for name, (decode, prefill) in results.items():
         table.add_row(
             name,
             f"{decode:.2f}",
             f"{decode / base_decode:.2f}",
+            f"{decode / float_decode:.2f}",
+            f"{weights[name] / 1e6:.0f}",
+            f"{100 * weights[name] * decode / bandwidth:.0f}%",
             f"{prefill:.2f}",
             f"{prefill / base_prefill:.2f}",
+            f"{loads[name]:.1f}",
         )
+        if name == "quantcli int8" and through_cli is not None:
+            ours, ratio = through_cli
+            table.add_row(
+                f"{name} via quantcli generate ({ratio:.2f}× generate)",
+                f"{ours:.2f}",
+                f"{ours / base_decode:.2f}",
+                f"{ours / float_decode:.2f}",
+            )
     console.print(table)
     if args.docs:
         write_markdown(
             table,
             f"generate-{args.model}-{args.device}",
-            f"{args.new_tokens} new tokens (decode), {args.prompt_tokens}-token prompt (prefill).",
+            f"{args.new_tokens} new tokens (decode), {args.prompt_tokens}-token prompt (prefill); "
+            f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s.",
         )
 
 

@@ -9,12 +9,17 @@ Measured on a 2-core AVX2 CPU without bf16 hardware (see docs/benchmarks.md):
   for M >= 2 when K % 8 != 0, so that case never reaches it.
 - ``int4pack``: PyTorch's fused W4A16 kernels (tinygemm on CUDA, its CPU port otherwise)
   read 4-bit groups of 32..256 with bf16 activations. They want their own weight layout,
-  made once per layer and device on first use and cached (`int4pack_weight`).
+  made once per layer and device and cached (`int4pack_weight`).
 - ``fp32-dequant``: on CPU, from M ~ 32 tokens (prefill) an fp32 matmul on the dequantized
   weight beats every int8/int4 kernel here (bf16 matmuls are slow on CPUs without bf16
   units).
 - ``dequant``: the reference for everything else (2-bit, fp32 activations, odd shapes):
   dequantize to the activation dtype and `F.linear`.
+
+A layer decides once per device, activation dtype and size class (decode: fewer rows than
+`DECODE_ROWS` says; prefill: the rest) which kernel runs, and prepares once what that
+kernel takes (`prepared`: scales and bias in the activation dtype, int4pack's layout), so
+a decode call is the kernel and a few tensor views (`plan`; `QuantLinear.forward`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +43,9 @@ INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 CUDA_INNER_K_TILES = 8
 #: On CUDA, from this many rows dequantize-then-matmul beats tinygemm int4.
 CUDA_INT4PACK_MAX_M = 256
+#: Per device type, the rows from which a call is prefill-sized: the only threshold
+#: `choose_kernel` compares rows with there (other devices: every call is one class).
+DECODE_ROWS = {"cpu": PREFILL_MIN_M, "cuda": CUDA_INT4PACK_MAX_M}
 
 
 def select_kernel(layer, x: torch.Tensor) -> str:
@@ -111,14 +120,49 @@ def kernel_plan(model: torch.nn.Module, device: str, dtype: torch.dtype, rows: i
 
 
 def prepare_kernels(model: torch.nn.Module, device: str, dtype: torch.dtype) -> None:
-    """Make now the weight layouts the decode kernels will want (int4pack's), once.
+    """Choose now every layer's kernels and make what they take (int4pack's layouts), once.
 
     Done at load time so that the first token does not pay for it, and so that a compiled
     decode step finds them ready instead of retracing around the cache.
     """
     for layer in _quantized_layers(model):
-        if choose_kernel(layer, device, dtype, 1) == "int4pack":
-            int4pack_weight(layer)
+        plan(layer, _device(layer, device), dtype)
+
+
+def _device(layer, device_type: str) -> torch.device:
+    """The device the layer's tensors are on (with its index), if of `device_type`."""
+    held = layer.weight_scale.device
+    return held if held.type == device_type else torch.device(device_type)
+
+
+def plan(layer, device: torch.device, dtype: torch.dtype) -> tuple:
+    """``(limit, decode, prefill)`` for `layer` and `dtype` activations on `device`: calls
+    with fewer than `limit` input elements (`DECODE_ROWS` rows) run ``decode``, the others
+    ``prefill``, each a ``(function, operands)`` pair from `prepared`. Made once per layer,
+    device and dtype, and kept in the layer until its tensors change."""
+    key = (device, dtype)
+    found = layer._kernels.get(key)
+    if found is None:
+        rows = DECODE_ROWS.get(device.type, 0)
+        decode = choose_kernel(layer, device.type, dtype, rows - 1) if rows else None
+        prefill = choose_kernel(layer, device.type, dtype, rows)
+        found = layer._kernels[key] = (
+            rows * layer.in_features,
+            prepared(layer, decode or prefill, device, dtype),
+            prepared(layer, prefill, device, dtype),
+        )
+    return found
+
+
+def prepared(layer, name: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Kernel `name`'s function and the operands it takes after ``(layer, x)``, made for
+    `dtype` activations on `device` once and kept in the layer."""
+    key = (name, device, dtype)
+    found = layer._kernels.get(key)
+    if found is None:
+        run, prepare = _KERNELS[name]
+        found = layer._kernels[key] = (run, prepare(layer, dtype))
+    return found
 
 
 def _quantized_layers(model: torch.nn.Module):
@@ -147,13 +191,22 @@ def _bias(layer, dtype: torch.dtype) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.to(dtype)
 
 
-def _rows(layer, x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, layer.in_features).contiguous()
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _finish(layer, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    out = out.reshape(*x.shape[:-1], layer.out_features)
-    return out if layer.bias is None else out + layer.bias.to(out.dtype)
+def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's ``(rows, out)`` result shaped like `x`, plus the bias (in place: the
+    result is the kernel's own fresh tensor)."""
+    out = out.view(*x.shape[:-1], -1)  # a third of the time of joining the two shapes
+    return out if bias is None else out.add_(bias)
+
+
+def _nothing(layer, dtype: torch.dtype) -> tuple:
+    """``dequant`` and ``fp32-dequant`` take nothing prepared: they dequantize the whole
+    weight per call anyway (nothing smaller can be kept), and the bias's conversion is
+    negligible beside that."""
+    return ()
 
 
 def dequant(layer, x: torch.Tensor) -> torch.Tensor:
@@ -182,18 +235,27 @@ def _workspace(layer, device: torch.device) -> torch.Tensor:
     return buffer[:size].view(layer.out_features, layer.in_features)
 
 
-def int8pack(layer, x: torch.Tensor) -> torch.Tensor:
-    scales = layer.weight_scale.to(x.dtype).reshape(-1).expand(layer.out_features)
-    out = torch._weight_int8pack_mm(_rows(layer, x), layer.weight, scales.contiguous())
-    return _finish(layer, out, x)
+def _int8pack_operands(layer, dtype: torch.dtype) -> tuple:
+    """The int8 weight, one scale per output row in the activation dtype (what the kernel
+    takes), the bias."""
+    scales = layer.weight_scale.to(dtype).reshape(-1).expand(layer.out_features)
+    return layer.weight, scales.contiguous(), _bias(layer, dtype)
 
 
-def int4pack(layer, x: torch.Tensor) -> torch.Tensor:
-    packed, scales_and_zeros = int4pack_weight(layer)
-    group_size = layer.config.group_size
-    on_cpu = x.device.type == "cpu"
+def _int8pack(layer, x: torch.Tensor, weight, scales, bias) -> torch.Tensor:
+    return _finish(torch._weight_int8pack_mm(_rows(x), weight, scales), x, bias)
+
+
+def _int4pack_operands(layer, dtype: torch.dtype) -> tuple:
+    """The matmul of the layer's device, its layout and scales (`int4pack_weight`), the bias."""
+    on_cpu = layer.weight_packed.device.type == "cpu"
     matmul = torch._weight_int4pack_mm_for_cpu if on_cpu else torch._weight_int4pack_mm
-    return _finish(layer, matmul(_rows(layer, x), packed, group_size, scales_and_zeros), x)
+    packed, scales_and_zeros = int4pack_weight(layer)
+    return matmul, packed, layer.config.group_size, scales_and_zeros, _bias(layer, dtype)
+
+
+def _int4pack(layer, x, matmul, packed, group_size, scales_and_zeros, bias) -> torch.Tensor:
+    return _finish(matmul(_rows(x), packed, group_size, scales_and_zeros), x, bias)
 
 
 def int4pack_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +263,8 @@ def int4pack_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
 
     The kernels compute ``w = (u - 8) * scale + zero`` with unsigned nibbles ``u``; ours is
     ``w = s * (q - z)`` with signed ``q``, so ``u = q + 8``, ``scale = s``, ``zero = -s * z``.
-    The cache is tied to the `weight_packed` tensor, so loading or moving the layer renews it.
+    The cache is tied to the `weight_packed` tensor and dropped by the layer whenever its
+    tensors change (`QuantLinear.forget_kernels`), so loading or moving the layer renews it.
     """
     cached = layer.__dict__.get("_int4pack")
     if cached is not None and cached[0] is layer.weight_packed:
@@ -221,9 +284,19 @@ def int4pack_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales_and_zeros
 
 
-KERNELS: dict[str, Callable] = {
-    "dequant": dequant,
-    "fp32-dequant": fp32_dequant,
-    "int8pack": int8pack,
-    "int4pack": int4pack,
+#: Each kernel's function ``(layer, x, *operands)`` and what makes its operands once.
+_KERNELS: dict[str, tuple[Callable, Callable]] = {
+    "dequant": (dequant, _nothing),
+    "fp32-dequant": (fp32_dequant, _nothing),
+    "int8pack": (_int8pack, _int8pack_operands),
+    "int4pack": (_int4pack, _int4pack_operands),
 }
+
+
+def _call(name: str, layer, x: torch.Tensor) -> torch.Tensor:
+    run, operands = prepared(layer, name, x.device, x.dtype)
+    return run(layer, x, *operands)
+
+
+#: Every kernel by name, as ``kernel(layer, x)`` (whether or not the dispatch would pick it).
+KERNELS: dict[str, Callable] = {name: partial(_call, name) for name in _KERNELS}

@@ -15,8 +15,11 @@ In memory, 4/2-bit layers keep that layout; 8-bit layers keep ``weight`` int8 ``
 dict is loaded or saved. Checkpoints that store 8-bit weights as ``int-quantized`` (plain
 int8 ``weight``, quantcli before format 2 and other writers) load as they are.
 
-Everything is a buffer (inference only, no gradients). `forward` picks a kernel per call
-(`quantcli.nn.kernels`): fused int8 at decode, fp32 matmul at prefill, dequantize otherwise.
+Everything is a buffer (inference only, no gradients). `forward` runs the kernel
+`quantcli.nn.kernels` chose for the call's device, dtype and size class (fused int8 or int4
+at decode, fp32 matmul at prefill, dequantize otherwise), chosen and prepared on the first
+such call and kept in the layer (`_kernels`, not in the state dict) until its tensors
+change: assigned, loaded or moved (`forget_kernels`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from quantcli.config import Granularity, QuantConfig
 from quantcli.errors import CheckpointError
-from quantcli.nn.kernels import KERNELS, select_kernel
+from quantcli.nn.kernels import plan
 from quantcli.tensor.packing import pack_int32, packed_length, unpack_int32
 from quantcli.tensor.quantize import (
     QuantizedTensor,
@@ -52,6 +55,7 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        self._kernels: dict = {}  # what `forward` runs, per device and dtype (kernels.plan)
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
@@ -157,6 +161,7 @@ class QuantLinear(nn.Module):
                     zero, 8, self.out_features, dim=0
                 )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.forget_kernels()  # without assign=True, the tensors were copied in place
 
     def _check_state(self, state_dict, prefix: str) -> None:
         """Scales finite and positive, ``weight_shape`` this layer's, int8 zero points within
@@ -185,7 +190,27 @@ class QuantLinear(nn.Module):
                 )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return KERNELS[select_kernel(self, x)](self, x)
+        limit, decode, prefill = self._kernels.get((x.device, x.dtype)) or plan(
+            self, x.device, x.dtype
+        )
+        run, operands = decode if x.numel() < limit else prefill
+        return run(self, x, *operands)
+
+    def forget_kernels(self) -> None:
+        """Drop the kernels chosen and the operands made for them (the tensors changed)."""
+        self._kernels.clear()
+        self.__dict__.pop("_int4pack", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self._buffers:
+            self.forget_kernels()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to``, ``cuda``, ``half``...: the moved or converted tensors are new ones."""
+        result = super()._apply(fn, recurse)
+        self.forget_kernels()
+        return result
 
     def __getattr__(self, name: str):
         """Packed layers answer ``.weight`` with a meta tensor: model code (T5, for one) reads

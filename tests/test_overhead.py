@@ -1,0 +1,141 @@
+"""`QuantLinear` chooses its kernels once per device, dtype and size class and prepares their
+operands once; whatever changes its tensors (assigning, loading, moving, converting,
+copying the layer) makes it choose and prepare again, so outputs always follow the current
+weights. Agreement is `test_kernels.assert_agrees` (its error analysis is there)."""
+
+import copy
+
+import pytest
+import torch
+from test_kernels import assert_agrees, layer, shaped
+
+from quantcli import QuantConfig, QuantLinear
+from quantcli.nn import kernels
+from quantcli.nn.kernels import DECODE_ROWS, PREFILL_MIN_M, choose_kernel
+
+#: Layers whose decode call runs each CPU kernel with a prepared operand.
+FUSED = {
+    # float32 scales: the bf16 ones int8pack takes are a prepared copy, which can go stale
+    "int8pack": QuantConfig(bits=8, dtype=torch.float32),
+    "int4pack": QuantConfig(bits=4, group_size=32),
+}
+
+
+def decode_and_prefill(q, dtype=torch.bfloat16):
+    return torch.randn(1, 1, q.in_features).to(dtype), torch.randn(2, 20, q.in_features).to(dtype)
+
+
+def other_weights(q, seed=1):
+    """A state dict of the same shape and config with different random weights."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(q.in_features, q.out_features).to(torch.bfloat16)
+    return QuantLinear.from_linear(linear, q.config).state_dict()
+
+
+@pytest.mark.parametrize("config", [*FUSED.values(), QuantConfig(bits=2, group_size=16)])
+def test_the_kernel_is_chosen_once_per_device_dtype_and_size_class(monkeypatch, config):
+    """Counted, not timed: a decode and a prefill call each choose their kernel on the first
+    call only; another dtype chooses again, once; a move (here `.float()`) starts over."""
+    chosen = []
+
+    def counting(*args):
+        chosen.append(args[1:])
+        return choose_kernel(*args)
+
+    monkeypatch.setattr(kernels, "choose_kernel", counting)
+    q = layer(config)
+    decode, prefill = decode_and_prefill(q)
+    for _ in range(5):
+        assert_agrees(q(decode), q, decode)
+        assert_agrees(q(prefill), q, prefill)
+    assert chosen == [("cpu", torch.bfloat16, PREFILL_MIN_M - 1), ("cpu", torch.bfloat16, 32)]
+    for _ in range(3):
+        q(decode.half())
+    assert len(chosen) == 4
+    q.float()
+    q(decode)
+    assert len(chosen) == 6
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_loading_weights_in_place_renews_the_prepared_operands(name):
+    """`load_state_dict` without assign copies into the same tensors: the prepared int4
+    layout (cached on the tensor's identity before) and int8 scales must not outlive it."""
+    q = layer(FUSED[name])
+    decode, _ = decode_and_prefill(q)
+    before = q(decode)
+    q.load_state_dict(other_weights(q))
+    assert kernels.select_kernel(q, decode) == name
+    assert_agrees(q(decode), q, decode)
+    assert not q(decode).equal(before)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_assigning_a_tensor_renews_the_prepared_operands(name):
+    q = layer(FUSED[name])
+    decode, _ = decode_and_prefill(q)
+    q(decode)
+    q.weight_scale = q.weight_scale * 2  # stale prepared scales would give half the output
+    q.bias = -q.bias
+    assert_agrees(q(decode), q, decode)
+    assert_agrees(q(decode), q, decode)  # and the renewed operands are kept
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_converting_the_layer_renews_the_prepared_operands(name, dtype):
+    """`.to(dtype)` converts the scales and bias into new tensors; the next call prepares
+    from those (its bias in the activation dtype, whatever the layer's)."""
+    q = layer(FUSED[name])
+    decode, _ = decode_and_prefill(q)
+    q(decode)
+    q.to(dtype)
+    assert q._kernels == {} and "_int4pack" not in q.__dict__
+    assert_agrees(q(decode), q, decode)
+    _, (_, operands), _ = kernels.plan(q, decode.device, decode.dtype)
+    assert operands[-1].dtype == torch.bfloat16  # the bias, made for bf16 activations
+    assert q.weight_scale.dtype == dtype and q.bias.dtype == dtype
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_a_copy_prepares_its_own_operands(name):
+    q = layer(FUSED[name])
+    decode, _ = decode_and_prefill(q)
+    before = q(decode)
+    twin = copy.deepcopy(q)
+    twin.load_state_dict(other_weights(q))
+    assert_agrees(twin(decode), twin, decode)
+    assert q(decode).equal(before)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_the_state_dict_holds_the_checkpoint_tensors_only(name):
+    q = layer(FUSED[name])
+    before = {key: value.clone() for key, value in q.state_dict().items()}
+    for x in decode_and_prefill(q):
+        q(x)
+    after = q.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[key].equal(value) for key, value in before.items())
+
+
+CHOICES = [
+    QuantConfig(bits=8),
+    QuantConfig(bits=8, scheme="asym"),
+    QuantConfig(bits=4, group_size=32),
+    QuantConfig(bits=4, group_size=128, scheme="sym"),
+    QuantConfig(bits=2, group_size=16),
+]
+
+
+@pytest.mark.parametrize("device", [*DECODE_ROWS, "mps"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("config", CHOICES, ids=lambda c: c.label)
+def test_one_kernel_serves_each_size_class(device, dtype, config):
+    """The cache keeps one kernel for fewer than DECODE_ROWS rows and one for the rest: this
+    holds only while `choose_kernel` compares rows with no other threshold."""
+    q = shaped(config, 256, 64)
+    limit = DECODE_ROWS.get(device, 0)
+    decode = {choose_kernel(q, device, dtype, rows) for rows in range(limit)}
+    prefill = {choose_kernel(q, device, dtype, rows) for rows in range(limit, 4 * limit + 2)}
+    assert len(decode) <= 1 and len(prefill) == 1
