@@ -185,7 +185,11 @@ def _method_rows(meta: dict[str, str], folder: Path) -> list[tuple[str, str]]:
     gptq = json.loads(meta["gptq"])
     text = gptq["calibration"]
     return [
-        ("method", f"GPTQ (damp {gptq['damp']}, block size {gptq['block_size']}, no act-order)"),
+        (
+            "method",
+            f"GPTQ (damp {gptq['damp']}, block size {gptq['block_size']}, "
+            f"{'act-order, static groups' if gptq.get('act_order') else 'no act-order'})",
+        ),
         ("calibration", f"{text['samples']} × {text['seq_len']} tokens of {text['name']}"),
         ("calibration sha256", text["sha256"]),
         *_gptq_time(folder),

@@ -5,7 +5,8 @@ gives the time and the process's peak memory, ru_maxrss), then scored in float32
 the original model run in float32, on a text that is neither GPTQ's calibration text
 (quantcli/data/kjv_genesis.txt) nor eval's default (tiny Shakespeare): the Gospel of Luke,
 chapters 1-9, from the same public-domain King James Version (scripts/data/kjv_luke.txt).
-Nothing here was tuned on that text: GPTQ runs with its defaults but --samples.
+Nothing here was tuned on that text: GPTQ runs with its defaults but --samples, with and
+without --act-order.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ SCHEMES = {
     "int4 sym g64": ["--bits", "4", "--scheme", "sym", "--group-size", "64"],
     "int2 asym g16": ["--bits", "2", "--scheme", "asym", "--group-size", "16"],
 }
+#: Methods and their extra `quantcli quantize` options.
+METHODS = {"rtn": [], "gptq": [], "gptq act-order": ["--act-order"]}
 TARGETS = {
     "int8 sym channel": "≤ +0.15%",
     "int4 asym g32": "≤ +10%",
@@ -49,8 +52,9 @@ def quantize(folder: Path, out: Path, options: list[str], method: str, samples: 
     ours; started by `time`, it reports its own."""
     command = ["/usr/bin/time", "-f", "maxrss_kb=%M", sys.executable, "-m", "quantcli"]
     command += ["quantize", str(folder), "--out", str(out)]
-    command += [*options, "--method", method, "--overwrite", "--json"]
-    if method == "gptq":
+    command += [*options, "--method", method.split()[0], *METHODS[method]]
+    command += ["--overwrite", "--json"]
+    if method != "rtn":
         command += ["--samples", str(samples)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -62,8 +66,8 @@ def quantize(folder: Path, out: Path, options: list[str], method: str, samples: 
 
 
 def _key(name: str, method: str, samples: int) -> str:
-    """Results' key: GPTQ rows by their sample count (plain 'gptq' is 16: the first runs)."""
-    return f"{name} gptq s{samples}" if method == "gptq" and samples != 16 else f"{name} {method}"
+    """Results' key: GPTQ rows by their sample count."""
+    return f"{name} {method}" if method == "rtn" else f"{name} {method} s{samples}"
 
 
 def perplexity(model, tokenizer, text: str, args) -> float:
@@ -88,6 +92,9 @@ def main() -> None:
         "--samples", type=int, default=DEFAULT_SAMPLES, help="GPTQ calibration samples"
     )
     parser.add_argument("--only", nargs="+", help="schemes to run (default: all)")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help="methods to run (default: all)"
+    )
     parser.add_argument("--results", type=Path, help="keep results here (JSON), resume from it")
     parser.add_argument("--docs", action="store_true", help="also write docs/generated/gptq.md")
     args = parser.parse_args()
@@ -111,9 +118,10 @@ def main() -> None:
     for name, options in SCHEMES.items():
         if args.only and name not in args.only:
             continue
-        for method in ("rtn", "gptq"):
+        for method in args.methods or METHODS:
             key = _key(name, method, args.samples)
-            out = args.cache / "bench" / f"{folder.name}-{name.replace(' ', '-')}-{method}"
+            label = f"{name}-{method}".replace(" ", "-")
+            out = args.cache / "bench" / f"{folder.name}-{label}"
             if key in results and "peak_rss_measured" not in results[key]:  # older script
                 report = quantize(folder, out, options, method, args.samples)
                 results[key]["peak_rss_bytes"] = report["peak_rss_bytes"]
@@ -128,7 +136,7 @@ def main() -> None:
                 "seconds": report["seconds"],
                 "peak_rss_bytes": report["peak_rss_bytes"],
                 "peak_rss_measured": "time",
-                "samples": args.samples if method == "gptq" else None,
+                "samples": args.samples if method != "rtn" else None,
             }
             save()
             console.print(f"{key}: {results[key]}")
@@ -147,18 +155,19 @@ def main() -> None:
         f"first {args.max_tokens} tokens); original fp32 perplexity {base:.4f}",
     )
     for name in SCHEMES:
-        keys = [key for key in results if key == f"{name} rtn" or key.startswith(f"{name} gptq")]
+        keys = [key for key in results if key.startswith(f"{name} ")]
         for key in keys:
-            row, method = results[key], key.removeprefix(f"{name} ").split()[0]
+            row = results[key]
+            method = key.removeprefix(f"{name} ").rsplit(" s", 1)[0]
             delta = 100 * (row["perplexity"] / base - 1)
             table.add_row(
                 name,
-                method if method == "rtn" else f"gptq ({row.get('samples') or 16}×512)",
+                method if method == "rtn" else f"{method} ({row['samples']}×512)",
                 f"{row['perplexity']:.4f}",
                 f"{delta:+.2f}",
                 f"{row['seconds']:.0f}",
                 f"{row['peak_rss_bytes'] / 2**20:.0f} MiB",
-                TARGETS[name] if method == "gptq" else "",
+                TARGETS[name] if method != "rtn" else "",
             )
     note = (
         "Perplexity in float32 against the original in float32. Calibration: "

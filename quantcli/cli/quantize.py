@@ -66,6 +66,7 @@ EXAMPLES = [
 
 
 def quantize(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Hub model id or local folder (safetensors).")],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (must not exist).", metavar="FOLDER")
@@ -151,6 +152,15 @@ def quantize(
     block_size: Annotated[
         int, typer.Option(help="gptq: columns rounded per lazy update.", metavar="N")
     ] = DEFAULT_BLOCK_SIZE,
+    act_order: Annotated[
+        bool,
+        typer.Option(
+            "--act-order",
+            help="gptq: round each layer's columns in decreasing order of their inputs' "
+            "energy, with static group scales (computed before reordering), so the output "
+            "is an ordinary group-quantized checkpoint (no g_idx).",
+        ),
+    ] = False,
     dtype: Annotated[
         DtypeChoice,
         typer.Option(help="dtype of scales and unquantized tensors (auto: keep the model's)."),
@@ -197,6 +207,8 @@ def quantize(
         optimize=optimize,
     )
     gptq = None
+    if method is Method.rtn:
+        _refuse_gptq_options(ctx)
     source = resolve_model(model, revision, token, allow_pickle)
     if method is Method.gptq:  # the text is checked before anything is written
         check_range("--samples", samples, 1)
@@ -206,9 +218,9 @@ def quantize(
             raise UsageError(f"--damp {damp} must be positive.")
         text = read_calibration(calibration)
         tokenizer = load_tokenizer(source.folder)
-        gptq = GPTQSettings(calibration_set(text, tokenizer, samples, seq_len), damp, block_size)
-    elif calibration is not None:
-        raise UsageError("--calibration applies to --method gptq only.")
+        gptq = GPTQSettings(
+            calibration_set(text, tokenizer, samples, seq_len), damp, block_size, act_order
+        )
     with gptq_progress_bar(disable=json_output) as progress:
         task = progress.add_task("Quantizing", total=None)
         blocks = progress.add_task("GPTQ blocks", total=None, visible=gptq is not None)
@@ -236,6 +248,24 @@ def quantize(
                 f"  method       GPTQ on {described['samples']} x {described['seq_len']} "
                 f"tokens of {described['name']}"
             )
+
+
+#: Options that only GPTQ reads: refused with --method rtn rather than silently ignored.
+GPTQ_OPTIONS = ("calibration", "samples", "seq_len", "damp", "block_size", "act_order")
+
+
+def _refuse_gptq_options(ctx: typer.Context) -> None:
+    given = [
+        name
+        for name in GPTQ_OPTIONS
+        if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") not in _DEFAULTS
+    ]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{flag} applies to --method gptq only (the method here is rtn).")
+
+
+_DEFAULTS = ("DEFAULT", "DEFAULT_MAP")
 
 
 def _quantize_json(summary: QuantizeSummary, config: QuantConfig, model: str) -> dict:

@@ -4,10 +4,12 @@ The float model is never built whole: the skeleton (on ``meta``) gets real weigh
 modules before the blocks (embeddings...), the calibration samples run up to the first
 block, where a hook records what the model passes it (hidden states, attention mask,
 rotary position embeddings...) and stops the forward. Then, block after block: its weights
-are read from the safetensors files, the recorded inputs run through it with hooks that
-accumulate each linear's Hessian, its linears are GPTQ-quantized (all from the float
-block's inputs), the inputs run through it again with the quantized weights to give the
-next block's inputs, and its weights are freed.
+are read from the safetensors files and its linears are quantized stage by stage ("true
+sequential", as the reference code, AutoGPTQ and llm-compressor do): the linears that read
+one input (q/k/v; then o_proj; then gate/up; then down_proj, found by watching one forward)
+get their Hessians from the recorded inputs run through the block with the stages before
+them already quantized, and are GPTQ-quantized; finally the inputs run through the whole
+quantized block to give the next block's inputs, and its weights are freed.
 
 The blocks are found from the structure (the largest ``nn.ModuleList`` of identical
 modules: Llama's ``model.layers``, GPT-2's ``transformer.h``, OPT's
@@ -51,6 +53,7 @@ class GPTQSettings:
     calibration: CalibrationSet
     damp: float = DEFAULT_DAMP
     block_size: int = DEFAULT_BLOCK_SIZE
+    act_order: bool = False
 
     def describe(self) -> dict:
         return {
@@ -58,7 +61,8 @@ class GPTQSettings:
             "calibration": self.calibration.describe(),
             "damp": self.damp,
             "block_size": self.block_size,
-            "act_order": False,
+            "act_order": self.act_order,
+            "true_sequential": True,
         }
 
 
@@ -164,6 +168,53 @@ class GPTQRunner:
             for name, i in self._block_of.items()
             if i == index
         }
+        for group in self._stages(block, layers):
+            self._quantize_stage(block, {name: layers[name] for name in group})
+        self._forward(block, keep=True)  # the next block's inputs, through quantized weights
+        _unload(block)
+        self._next += 1
+        self.seconds += time.perf_counter() - started
+        if self.on_block:
+            self.on_block(self._next, len(self.blocks))
+
+    def _stages(self, block: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
+        """The block's linears in the order its forward calls them, grouped by the input
+        they read (q/k/v one stage, then o_proj, then gate/up, then down_proj): one batch
+        is run through the float block to see it, so no list per family is needed."""
+        seen: list[tuple[torch.Tensor, list[str]]] = []
+
+        def record(name, x):
+            if seen and seen[-1][0] is x:
+                seen[-1][1].append(name)
+            else:
+                seen.append((x, [name]))
+
+        hooks = [
+            module.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0]))
+            for name, module in layers.items()
+        ]
+        try:
+            self._forward(block, inputs=self._inputs[:1])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        stages, placed = [], set()
+        for _, names in seen:
+            names = [name for name in names if name not in placed]  # a layer run twice: once
+            placed.update(names)
+            if names:
+                stages.append(names)
+        missing = [name for name in layers if name not in placed]
+        if missing:
+            raise CheckpointError(
+                f"GPTQ cannot walk {type(self.skeleton).__name__}: the forward of "
+                f"{self.blocks_name} never ran {missing[0]}; use --method rtn."
+            )
+        return stages
+
+    def _quantize_stage(self, block: nn.Module, layers: dict[str, nn.Module]) -> None:
+        """Accumulate the Hessians of one stage's layers on the block's inputs, through the
+        stages before it already quantized ("true sequential"), then GPTQ them."""
         hessians = {name: Hessian(linear_weight(m).shape[1]) for name, m in layers.items()}
         last: list = [None, None, None]  # layers reading the same tensor share its product
         sources: dict[str, set[str]] = {name: set() for name in layers}
@@ -191,14 +242,9 @@ class GPTQRunner:
             source = next(iter(sources[name])) if len(sources[name]) == 1 else name
             if source not in prepared:
                 hessian = hessians[source].value()
-                prepared[source] = (hessian, prepare_hessian(hessian, self.settings.damp))
+                ready = prepare_hessian(hessian, self.settings.damp, self.settings.act_order)
+                prepared[source] = (hessian, ready)
             self._ready[name] = self._quantize(name, module, *prepared[source])
-        self._forward(block, keep=True)  # the next block's inputs, through quantized weights
-        _unload(block)
-        self._next += 1
-        self.seconds += time.perf_counter() - started
-        if self.on_block:
-            self.on_block(self._next, len(self.blocks))
 
     def _quantize(self, name: str, module: nn.Module, hessian: torch.Tensor, ready) -> dict:
         weight = linear_weight(module).detach()
@@ -215,6 +261,7 @@ class GPTQRunner:
                 damp=self.settings.damp,
                 block_size=self.settings.block_size,
                 optimize=self.config.optimize,
+                act_order=self.settings.act_order,
                 prepared=ready,
             )
         except InvalidTensorError as error:
@@ -225,10 +272,10 @@ class GPTQRunner:
         state = compressed_state(qweight.qdata, qweight.scale, qweight.zero_point, self.config)
         return {f"{name}.{key}": t for key, t in state.items()}
 
-    def _forward(self, block: nn.Module, keep: bool = False) -> None:
+    def _forward(self, block: nn.Module, keep: bool = False, inputs=None) -> None:
         outputs = []
         with torch.no_grad():
-            for hidden, args, kwargs in self._inputs:
+            for hidden, args, kwargs in self._inputs if inputs is None else inputs:
                 output = block(hidden, *args, **kwargs)
                 if keep:
                     output = output[0] if isinstance(output, tuple) else output

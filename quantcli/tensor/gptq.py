@@ -7,9 +7,17 @@ points come from `quantize()` (so rounding up to the storage dtype, the asymmetr
 widened to contain 0, all-zero groups...), only the integers differ. With an identity
 Hessian the error feedback vanishes and the result is round-to-nearest bit for bit.
 
-Scales are static (no activation reordering): per tensor and per channel they are computed
-once from the whole weight up front; per group, from the error-updated weights of the group
-at the moment its first column is reached (AutoGPTQ's and llm-compressor's static groups).
+Per tensor and per channel the scales are computed once from the whole weight up front;
+per group, from the error-updated weights of the group at the moment its first column is
+reached (the paper's and AutoGPTQ's default).
+
+`act_order` (the paper's "act-order", AutoGPTQ's ``desc_act``): the columns are rounded in
+decreasing order of H's diagonal (the inputs with the most energy first, while the most
+columns are left to absorb their error). With groups this is AutoGPTQ's ``static_groups``
+variant: each group's scales are computed up front from the original (dead-zeroed) weights
+in the original column order, and a column uses its own group's scales whenever it is
+reached. The checkpoint is then an ordinary group-quantized one (no ``g_idx``): the
+reordering only changes which integers are written, never the layout.
 """
 
 from __future__ import annotations
@@ -66,7 +74,8 @@ def gptq_quantize(
     damp: float = DEFAULT_DAMP,
     block_size: int = DEFAULT_BLOCK_SIZE,
     optimize: bool = False,
-    prepared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    act_order: bool = False,
+    prepared: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
 ) -> QuantizedTensor:
     """GPTQ-quantize a float weight ``(out, in)`` given ``H`` ``(in, in)`` of its inputs.
 
@@ -75,8 +84,10 @@ def gptq_quantize(
     after them are applied at once (the paper's lazy batches: the same result, faster).
     Columns with a zero diagonal (inputs always zero: dead) are set to zero, as in the
     paper: any value there leaves the outputs unchanged on the calibration data.
-    `prepared`: `prepare_hessian(hessian, damp)` already computed (layers that read the
-    same inputs share it).
+    `act_order`: round the columns in decreasing order of H's diagonal, with static group
+    scales (module docstring).
+    `prepared`: `prepare_hessian(hessian, damp, act_order)` already computed (layers that
+    read the same inputs share it).
     """
     scheme, granularity = Scheme(scheme), Granularity(granularity)
     q_min, q_max = int_range(bits)
@@ -102,16 +113,21 @@ def gptq_quantize(
         quantize(weight, bits, scheme, granularity, group_size, dtype)  # raises its message
 
     w = weight.detach().float().clone()
-    dead, u = prepared or prepare_hessian(hessian, damp)
+    dead, order, u = prepared or prepare_hessian(hessian, damp, act_order)
     w[:, dead] = 0
+    if order is not None and granularity is Granularity.GROUP:
+        # static groups: every group's scales from the original weights, original order
+        upfront = quantize(w, bits, scheme, granularity, group_size, dtype, optimize)
+    if order is not None:
+        w = w[:, order]
+    original = order.tolist() if order is not None else range(columns)
 
     qdata = torch.empty(weight.shape, dtype=torch.int8)
     scales, zeros = [], []
     scale = zero = None
     if upfront is not None:
-        scale = upfront.scale.float().reshape(-1, 1).expand(rows, 1)[:, 0]
-        zero = None if upfront.zero_point is None else upfront.zero_point.float()
-        zero = None if zero is None else zero.reshape(-1, 1).expand(rows, 1)[:, 0]
+        all_scales = _per_row(upfront.scale, rows)
+        all_zeros = None if upfront.zero_point is None else _per_row(upfront.zero_point, rows)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
         block = w[:, start:end].clone()
@@ -119,7 +135,11 @@ def gptq_quantize(
         u_block = u[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            if granularity is Granularity.GROUP and column % group_size == 0:
+            if upfront is not None:
+                group = original[column] // group_size if granularity is Granularity.GROUP else 0
+                scale = all_scales[:, group]
+                zero = None if all_zeros is None else all_zeros[:, group]
+            elif column % group_size == 0:
                 current = _current_group(w, block, errors, u, start, i, group_size)
                 group = quantize(current, bits, scheme, Granularity.CHANNEL, None, dtype, optimize)
                 scales.append(group.scale)
@@ -132,7 +152,7 @@ def gptq_quantize(
             if zero is not None:
                 shifted = shifted + zero
             q = shifted.round().clamp(q_min, q_max)
-            qdata[:, column] = q.to(torch.int8)
+            qdata[:, original[column]] = q.to(torch.int8)
             restored = (q - zero) * scale if zero is not None else q * scale
             error = (values - restored) / u_block[i, i]
             block[:, i:].addr_(error, u_block[i, i:], alpha=-1)
@@ -141,7 +161,13 @@ def gptq_quantize(
 
     if upfront is not None:
         return QuantizedTensor(
-            qdata, upfront.scale, upfront.zero_point, bits, scheme, granularity, None
+            qdata,
+            upfront.scale,
+            upfront.zero_point,
+            bits,
+            scheme,
+            granularity,
+            group_size if granularity is Granularity.GROUP else None,
         )
     return QuantizedTensor(
         qdata=qdata,
@@ -154,13 +180,21 @@ def gptq_quantize(
     )
 
 
-def prepare_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dead columns (zero diagonal) and the upper Cholesky factor of the damped H⁻¹."""
+def prepare_hessian(
+    hessian: torch.Tensor, damp: float, act_order: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The dead columns (zero diagonal), the order to round the columns in (None: as they
+    are; with `act_order`, decreasing diagonal, ties in column order) and the upper Cholesky
+    factor of the damped H⁻¹ in that order."""
     h = hessian.detach().float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
+    order = None
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        h = h[order][:, order]
     h.diagonal().add_(damp * torch.diagonal(h).mean())
-    return dead, _inverse_cholesky_upper(h)
+    return dead, order, _inverse_cholesky_upper(h)
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
@@ -175,6 +209,11 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
             "the Hessian of a layer's inputs is not positive definite even after damping: "
             "raise --damp (e.g. 0.1) or give more calibration text."
         ) from None
+
+
+def _per_row(param: torch.Tensor, rows: int) -> torch.Tensor:
+    """A scale or zero point as ``(rows, groups)``: one per tensor is broadcast to every row."""
+    return param.float().reshape(-1, param.shape[-1] if param.ndim == 2 else 1).expand(rows, -1)
 
 
 def _current_group(w, block, errors, u, start, i, group_size) -> torch.Tensor:
