@@ -18,23 +18,16 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_kernels import CONFIGS
+from bench_kernels import SHAPES as KERNEL_SHAPES
 from report import write_markdown
 from rich.console import Console
 from rich.table import Table
 
-from quantcli import QuantConfig, QuantLinear
+from quantcli import QuantLinear
 from quantcli.nn.kernels import plan
 
-SHAPES = {  # name: (out_features, in_features)
-    "SmolLM2 q/o 576x576": (576, 576),
-    "SmolLM2 up 1536x576": (1536, 576),
-    "SmolLM2 down 576x1536": (576, 1536),
-}
-CONFIGS = {
-    "int8": QuantConfig(bits=8, dtype=torch.bfloat16),
-    "int4 g32": QuantConfig(bits=4, group_size=32, dtype=torch.bfloat16),
-    "int4 g64": QuantConfig(bits=4, group_size=64, dtype=torch.bfloat16),
-}
+SHAPES = {name: shape for name, shape in KERNEL_SHAPES.items() if name.startswith("SmolLM2")}
 
 
 def per_call(fns: list, calls: int, blocks: int) -> list[float]:

@@ -40,6 +40,7 @@ FAST_TESTS = [
     "tests/test_packing.py",
     "tests/test_qlinear.py",
     "tests/test_kernels.py",
+    "tests/test_overhead.py",
     "tests/test_config.py",
     "tests/test_format.py",
     "tests/test_fuzz.py",

@@ -40,16 +40,24 @@ TEXT = (
 ) * 12
 
 
-def reference_gptq(weight, hessian, config, damp=0.01):
-    """GPTQ as the paper's Algorithm 1 states it, one column at a time with no lazy batches,
-    in float64. Only the scales come from quantcli (its format): per tensor and channel from
-    the whole weight, per group from the group's current (error-updated) weights."""
+def damped(weight, hessian, damp):
+    """The paper's set-up in float64: columns whose input never fires (zero Hessian
+    diagonal) are zeroed and their diagonal set to 1, then the diagonal is raised by `damp`
+    times its mean."""
     w = weight.double().clone()
     h = hessian.double().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     h += damp * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
+    return w, h
+
+
+def reference_gptq(weight, hessian, config, damp=0.01):
+    """GPTQ as the paper's Algorithm 1 states it, one column at a time with no lazy batches,
+    in float64. Only the scales come from quantcli (its format): per tensor and channel from
+    the whole weight, per group from the group's current (error-updated) weights."""
+    w, h = damped(weight, hessian, damp)
     u = torch.linalg.cholesky(torch.linalg.inv(h)).T  # H⁻¹ = UᵀU, U upper
     q_min, q_max = int_range(config.bits)
     codes = torch.zeros(w.shape, dtype=torch.int8)
@@ -80,12 +88,7 @@ def reference_obs(weight, hessian, config, order, damp=0.01):
     ``-err · H⁻¹[q, :] / H⁻¹[q, q]``, and q is eliminated from H⁻¹ (a rank-one downdate,
     Frantar et al. 2022, eq. 2-3), all in float64. With groups, the scales are static:
     each group's from the original (dead-zeroed) weights, before any column moves."""
-    w = weight.double().clone()
-    h = hessian.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damp * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
+    w, h = damped(weight, hessian, damp)
     h_inv = torch.linalg.inv(h)
     q_min, q_max = int_range(config.bits)
     codes = torch.zeros(w.shape, dtype=torch.int8)
