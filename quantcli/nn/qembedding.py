@@ -46,9 +46,13 @@ class QuantEmbedding(QuantLinear):
             scale = scale[rows]
         zero = getattr(self, "weight_zero_point", None)
         if zero is not None and self.config.granularity is not Granularity.TENSOR:
-            if self.config.packed:  # packed along the rows, as the checkpoint has them
-                zero = unpack_int32(zero, self.config.bits, self.out_features, dim=0)
-            zero = zero[rows]
+            if self.config.packed:  # packed along the rows: unpack only the words read
+                per_word = 32 // self.config.bits
+                words = zero[rows // per_word]  # (rows, groups): the word holding each
+                words = unpack_int32(words, self.config.bits, len(rows) * per_word, dim=0)
+                zero = words[torch.arange(len(rows)) * per_word + rows % per_word]
+            else:
+                zero = zero[rows]
         values = dequantize(codes, scale, zero)  # in the scale's dtype
         return values.reshape(*ids.shape, self.embedding_dim)
 
