@@ -50,9 +50,8 @@ class QuantEmbedding(QuantLinear):
                 per_word = 32 // self.config.bits
                 words = zero[rows // per_word]  # (rows, groups): the word holding each
                 words = unpack_int32(words, self.config.bits, len(rows) * per_word, dim=0)
-                zero = words[
-                    torch.arange(len(rows), device=rows.device) * per_word + rows % per_word
-                ]
+                first = torch.arange(len(rows), device=rows.device) * per_word
+                zero = words[first + rows % per_word]
             else:
                 zero = zero[rows]
         values = dequantize(codes, scale, zero)  # in the scale's dtype
