@@ -139,3 +139,120 @@ def test_one_kernel_serves_each_size_class(device, dtype, config):
     decode = {choose_kernel(q, device, dtype, rows) for rows in range(limit)}
     prefill = {choose_kernel(q, device, dtype, rows) for rows in range(limit, 4 * limit + 2)}
     assert len(decode) <= 1 and len(prefill) == 1
+
+
+def recording_runs(monkeypatch):
+    """The names of the kernels `QuantLinear.forward` runs, in order (wrapping `_KERNELS`
+    before any layer prepares, so the plans hold the wrappers)."""
+    ran = []
+    for name, (run, prepare) in list(kernels._KERNELS.items()):
+
+        def recorded(layer, x, *operands, name=name, run=run):
+            ran.append(name)
+            return run(layer, x, *operands)
+
+        monkeypatch.setitem(kernels._KERNELS, name, (recorded, prepare))
+    return ran
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((96,), "int8pack"),
+        ((1, 1, 96), "int8pack"),
+        ((PREFILL_MIN_M - 1, 96), "int8pack"),  # one element short of the limit
+        ((4, 8, 96), "fp32-dequant"),  # exactly PREFILL_MIN_M rows: prefill
+        ((2, 2, 8, 96), "fp32-dequant"),
+        ((3, 40, 96), "fp32-dequant"),
+    ],
+)
+def test_each_call_runs_the_kernel_of_its_size_class(monkeypatch, shape, expected):
+    """Agreement alone cannot tell int8pack from fp32-dequant (both are within bf16
+    rounding): the kernel that ran is recorded, for the size classes the measurements in
+    kernels.py fix (fused below PREFILL_MIN_M rows on CPU, fp32 from there)."""
+    ran = recording_runs(monkeypatch)
+    q = layer(QuantConfig(bits=8))
+    x = torch.randn(shape).bfloat16()
+    for _ in range(2):  # the first call plans, the second finds the plan
+        assert_agrees(q(x), q, x)
+    assert ran == [expected, expected]
+
+
+def test_the_decode_and_prefill_kernels_alternate_per_call(monkeypatch):
+    ran = recording_runs(monkeypatch)
+    q = layer(QuantConfig(bits=4, group_size=32))
+    decode, prefill = decode_and_prefill(q)
+    for x in (decode, prefill, decode, prefill):
+        assert_agrees(q(x), q, x)
+    assert ran == ["int4pack", "fp32-dequant"] * 2
+
+
+@pytest.mark.parametrize("config", [QuantConfig(bits=8), QuantConfig(bits=4, group_size=32)])
+def test_a_layer_on_a_device_without_size_classes_runs(config):
+    """Devices other than CPU and CUDA (here meta, as when a model is traced for shapes)
+    have no DECODE_ROWS entry: every call dequantizes, and a call must not fail."""
+    q = QuantLinear.from_weight(
+        torch.empty(48, 96, device="meta"), torch.empty(48, device="meta"), config
+    )
+    for rows in (1, 40):
+        out = q(torch.empty(rows, 96, device="meta", dtype=torch.bfloat16))
+        assert out.shape == (rows, 48) and out.device.type == "meta"
+        assert out.dtype == torch.bfloat16
+
+
+def test_a_call_after_the_first_does_not_plan_again(monkeypatch):
+    """Counted: once planned, `forward` finds the plan in the layer without calling `plan`."""
+    from quantcli.nn import qlinear
+
+    planned = []
+
+    def counting(*args):
+        planned.append(args[1:])
+        return kernels.plan(*args)
+
+    monkeypatch.setattr(qlinear, "plan", counting)
+    q = layer(FUSED["int8pack"])
+    decode, prefill = decode_and_prefill(q)
+    for _ in range(4):
+        assert_agrees(q(decode), q, decode)
+        assert_agrees(q(prefill), q, prefill)
+    assert planned == [(decode.device, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_plans_and_operands_are_made_once_and_kept(monkeypatch, name):
+    """Counted: planning again (`prepare_kernels` twice) chooses nothing new, and a kernel
+    called by name (`KERNELS`) prepares its operands on the first call only."""
+    made = []
+    run, prepare = kernels._KERNELS[name]
+
+    def counting(layer, dtype):
+        made.append(dtype)
+        return prepare(layer, dtype)
+
+    monkeypatch.setitem(kernels._KERNELS, name, (run, counting))
+    chosen = []
+
+    def choosing(*args):
+        chosen.append(args[1:])
+        return choose_kernel(*args)
+
+    monkeypatch.setattr(kernels, "choose_kernel", choosing)
+    q = layer(FUSED[name])
+    model = torch.nn.Sequential(q)
+    for _ in range(3):
+        kernels.prepare_kernels(model, "cpu", torch.bfloat16)
+    assert len(chosen) == 2 and made == [torch.bfloat16]
+    x = torch.randn(3, q.in_features).bfloat16()
+    for _ in range(3):
+        assert_agrees(kernels.KERNELS[name](q, x), q, x)
+    assert made == [torch.bfloat16]
+
+
+def test_a_kernel_by_name_prepares_for_the_activation_dtype():
+    """int8pack takes its scales in the activation dtype: a layer with float32 scales run
+    on bf16 activations needs them converted (the kernel refuses float32 scales)."""
+    q = layer(FUSED["int8pack"])
+    assert q.weight_scale.dtype == torch.float32
+    x = torch.randn(3, q.in_features).bfloat16()
+    assert_agrees(kernels.KERNELS["int8pack"](q, x), q, x)
