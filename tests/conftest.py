@@ -38,3 +38,9 @@ def saved_models(tmp_path_factory):
         return folders[key]
 
     return folder
+
+
+def pytest_collection_modifyitems(items):
+    """The family matrix is the longest test file: collected first, so that `make test`'s
+    workers (one file at a time each) run the other files beside it, not after it."""
+    items.sort(key=lambda item: item.path.name != "test_families.py")
