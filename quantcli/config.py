@@ -107,6 +107,16 @@ class QuantConfig:
         return f"{label} +clip" if self.optimize else label
 
     @property
+    def fields(self) -> str:
+        """'bits=4, scheme=asym, granularity=group, group_size=32': the weights' format as
+        the quantized modules' reprs print it."""
+        group = f", group_size={self.group_size}" if self.granularity is Granularity.GROUP else ""
+        return (
+            f"bits={self.bits}, scheme={self.scheme.value}, "
+            f"granularity={self.granularity.value}{group}"
+        )
+
+    @property
     def packed(self) -> bool:
         """Below 8 bits, values are packed several to an int32 word."""
         return self.bits < 8

@@ -213,12 +213,9 @@ class QuantExperts(nn.Module):
         return final.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
-        c = self.config
-        group = f", group_size={c.group_size}" if c.granularity is Granularity.GROUP else ""
         return (
             f"num_experts={self.num_experts}, hidden={self.hidden}, "
-            f"intermediate={self.intermediate}, bits={c.bits}, scheme={c.scheme.value}, "
-            f"granularity={c.granularity.value}{group}"
+            f"intermediate={self.intermediate}, {self.config.fields}"
         )
 
 

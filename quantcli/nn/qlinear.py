@@ -221,12 +221,9 @@ class QuantLinear(nn.Module):
         return super().__getattr__(name)
 
     def extra_repr(self) -> str:
-        c = self.config
-        group = f", group_size={c.group_size}" if c.granularity is Granularity.GROUP else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, bits={c.bits}, scheme={c.scheme.value}, "
-            f"granularity={c.granularity.value}{group}"
+            f"bias={self.bias is not None}, {self.config.fields}"
         )
 
     def _scale_shape(self) -> tuple[int, ...]:
