@@ -92,7 +92,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class _Stop(Exception):
-    """Raised by the hook on the first block: the model ran as far as it needs to."""
+    """Raised by a hook (on the first block; on a stage's last linear): the model ran as
+    far as it needs to."""
 
 
 @dataclass
@@ -168,8 +169,9 @@ class GPTQRunner:
             for name, i in self._block_of.items()
             if i == index
         }
-        for group in self._stages(block, layers):
-            self._quantize_stage(block, {name: layers[name] for name in group})
+        stages, once = self._stages(block, layers)
+        for group in stages:
+            self._quantize_stage(block, {name: layers[name] for name in group}, stop=once)
         self._forward(block, keep=True)  # the next block's inputs, through quantized weights
         _unload(block)
         self._next += 1
@@ -177,10 +179,12 @@ class GPTQRunner:
         if self.on_block:
             self.on_block(self._next, len(self.blocks))
 
-    def _stages(self, block: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
+    def _stages(self, block, layers: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
         """The block's linears in the order its forward calls them, grouped by the input
         they read (q/k/v one stage, then o_proj, then gate/up, then down_proj): one batch
-        is run through the float block to see it, so no list per family is needed."""
+        is run through the float block to see it, so no list per family is needed. Also
+        whether each linear runs once per forward (then a stage's forward may stop as
+        soon as its linears have read their inputs)."""
         seen: list[tuple[torch.Tensor, list[str]]] = []
 
         def record(name, x):
@@ -210,20 +214,28 @@ class GPTQRunner:
                 f"GPTQ cannot walk {type(self.skeleton).__name__}: the forward of "
                 f"{self.blocks_name} never ran {missing[0]}; use --method rtn."
             )
-        return stages
+        return stages, sum(len(names) for _, names in seen) == len(layers)
 
-    def _quantize_stage(self, block: nn.Module, layers: dict[str, nn.Module]) -> None:
+    def _quantize_stage(self, block: nn.Module, layers: dict[str, nn.Module], stop: bool):
         """Accumulate the Hessians of one stage's layers on the block's inputs, through the
-        stages before it already quantized ("true sequential"), then GPTQ them."""
+        stages before it already quantized ("true sequential"), then GPTQ them. With
+        `stop` (each linear runs once per forward), a sample's forward ends once every
+        layer of the stage has read its input: the rest of the block computes nothing
+        this stage needs."""
         hessians = {name: Hessian(linear_weight(m).shape[1]) for name, m in layers.items()}
         last: list = [None, None, None]  # layers reading the same tensor share its product
         sources: dict[str, set[str]] = {name: set() for name in layers}
+        read: set[str] = set()  # the stage's layers that have read this sample's input
 
         def accumulate(name, x):
             if last[0] is not x:
                 last[:] = [x, input_product(x), name]
             hessians[name].add_product(*last[1])
             sources[name].add(last[2])
+            read.add(name)
+            if stop and len(read) == len(layers):
+                read.clear()
+                raise _Stop
 
         hooks = [
             module.register_forward_pre_hook(
@@ -276,7 +288,10 @@ class GPTQRunner:
         outputs = []
         with torch.no_grad():
             for hidden, args, kwargs in self._inputs if inputs is None else inputs:
-                output = block(hidden, *args, **kwargs)
+                try:
+                    output = block(hidden, *args, **kwargs)
+                except _Stop:  # a stage's hook has what it needs (never with keep)
+                    continue
                 if keep:
                     output = output[0] if isinstance(output, tuple) else output
                     outputs.append((output, args, kwargs))
