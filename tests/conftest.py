@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import build, char_tokenizer  # noqa: E402
 
+from quantcli.nn import kernels  # noqa: E402
+
 # In CI the property tests draw the same examples every run, so a red build points at the
 # change, not at a new random draw; elsewhere each run draws afresh and may find new bugs.
 settings.register_profile("ci", derandomize=True)
@@ -44,3 +46,21 @@ def pytest_collection_modifyitems(items):
     """The family matrix is the longest test file: collected first, so that `make test`'s
     workers (one file at a time each) run the other files beside it, not after it."""
     items.sort(key=lambda item: item.path.name != "test_families.py")
+
+
+#: What this CPU answers (before `fixed_cpu_kind` pins it): CLI runs in a subprocess see it.
+BF16_MATMUL_HARDWARE = kernels.bf16_matmul_hardware()
+
+
+@pytest.fixture(autouse=True)
+def fixed_cpu_kind(monkeypatch):
+    """Dispatch depends on whether the CPU has bf16 matmul hardware, and CI's CPU changes
+    between runs (an AVX2 EPYC, an AMX Xeon): in-process tests see a CPU without it unless
+    they ask for `bf16_hardware`, so each expectation is checked on every machine."""
+    monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: False)
+
+
+@pytest.fixture
+def bf16_hardware(monkeypatch):
+    """A CPU with bf16 matmul hardware (AMX, AVX512-BF16), as far as dispatch can tell."""
+    monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: True)

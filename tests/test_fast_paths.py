@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from cli_checks import run_quantcli
+from conftest import BF16_MATMUL_HARDWARE
 from tiny_models import char_tokenizer, sample_inputs
 
 from quantcli import QuantConfig
@@ -48,6 +49,14 @@ def load(folder, **kwargs):
 )
 def test_preferred_dtype_on_cpu(config, expected):
     assert preferred_dtype(config, "cpu") == expected
+
+
+@pytest.mark.parametrize(
+    "config", [QuantConfig(bits=8), QuantConfig(bits=8, scheme="asym"), QuantConfig(bits=2)]
+)
+def test_cpus_with_bf16_matmul_hardware_run_everything_in_bf16(bf16_hardware, config):
+    """There prefill multiplies bf16 tiles (6x float32 at 512 rows), whatever the kernel."""
+    assert preferred_dtype(config, "cpu") == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -109,7 +118,8 @@ def test_load_verbose_and_json_name_the_kernels(checkpoints):
     human = quantcli("load", checkpoints / "int8", "--verbose")
     assert human.returncode == 0, human.stderr
     assert "bfloat16" in human.stdout and "int8pack x14" in human.stdout
-    assert "fp32-dequant x14" in human.stdout
+    prefill = "bf16-dequant" if BF16_MATMUL_HARDWARE else "fp32-dequant"  # this CPU's
+    assert f"{prefill} x14" in human.stdout
     summary = json.loads(quantcli("load", checkpoints / "int8", "--json", "--dtype", "fp32").stdout)
     assert summary["dtype"] == "float32"
     assert summary["kernels"]["decode (1 token)"] == {"fp32-dequant": 14}

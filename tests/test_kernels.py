@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from quantcli import QuantConfig, QuantLinear
+from quantcli.nn import kernels
 from quantcli.nn.kernels import (
     CUDA_INT4PACK_MAX_M,
     KERNELS,
     PREFILL_MIN_M,
-    _workspace,
+    TILE_ELEMENTS,
+    _workspaces,
     choose_kernel,
     fp32_dequant,
     int4pack_weight,
@@ -60,32 +62,42 @@ def weight_terms(layer):
     return (weight - offset.float()).abs() + offset.float().abs()  # offset = -s*z
 
 
+#: Prefill on CPUs without bf16 matmul hardware, and with it.
+PREFILL = ("fp32-dequant", "bf16-dequant")
+
+
 @pytest.mark.parametrize(
     ("config", "dtype", "rows", "expected"),
     [
         (QuantConfig(bits=8), torch.bfloat16, 1, "int8pack"),
         (QuantConfig(bits=8), torch.bfloat16, PREFILL_MIN_M - 1, "int8pack"),
-        (QuantConfig(bits=8), torch.bfloat16, PREFILL_MIN_M, "fp32-dequant"),
+        (QuantConfig(bits=8), torch.bfloat16, PREFILL_MIN_M, PREFILL),
         (QuantConfig(bits=8, granularity="tensor"), torch.bfloat16, 3, "int8pack"),
-        (QuantConfig(bits=8, scheme="asym"), torch.bfloat16, 3, "dequant"),
-        (QuantConfig(bits=8), torch.float16, 3, "dequant"),
+        (QuantConfig(bits=8, scheme="asym"), torch.bfloat16, 3, "fp32-dequant"),
+        (QuantConfig(bits=8, scheme="asym"), torch.bfloat16, 40, PREFILL),
+        (QuantConfig(bits=8), torch.float16, 3, "fp32-dequant"),
         (QuantConfig(bits=8), torch.float16, 64, "fp32-dequant"),
         (QuantConfig(bits=8), torch.float32, 64, "fp32-dequant"),
         (QuantConfig(bits=8), torch.float32, 1, "fp32-dequant"),
         (QuantConfig(bits=4), torch.bfloat16, 1, "int4pack"),
         (QuantConfig(bits=4), torch.bfloat16, PREFILL_MIN_M - 1, "int4pack"),
         (QuantConfig(bits=4, scheme="sym", group_size=32), torch.bfloat16, 3, "int4pack"),
-        (QuantConfig(bits=4, group_size=16), torch.bfloat16, 3, "dequant"),
-        (QuantConfig(bits=4, granularity="channel"), torch.bfloat16, 3, "dequant"),
-        (QuantConfig(bits=4), torch.float16, 3, "dequant"),
-        (QuantConfig(bits=4), torch.bfloat16, 128, "fp32-dequant"),
-        (QuantConfig(bits=2, group_size=16), torch.bfloat16, 5, "dequant"),
+        (QuantConfig(bits=4, group_size=16), torch.bfloat16, 3, "fp32-dequant"),
+        (QuantConfig(bits=4, granularity="channel"), torch.bfloat16, 3, "fp32-dequant"),
+        (QuantConfig(bits=4), torch.float16, 3, "fp32-dequant"),
+        (QuantConfig(bits=4), torch.float16, 128, "fp32-dequant"),
+        (QuantConfig(bits=4), torch.bfloat16, 128, PREFILL),
+        (QuantConfig(bits=2, group_size=16), torch.bfloat16, 5, "fp32-dequant"),
+        (QuantConfig(bits=2, group_size=16), torch.bfloat16, 40, PREFILL),
     ],
 )
-def test_dispatch_and_agreement(config, dtype, rows, expected):
+@pytest.mark.parametrize("hardware", [False, True], ids=["no-bf16-hw", "bf16-hw"])
+def test_dispatch_and_agreement(monkeypatch, config, dtype, rows, expected, hardware):
+    """CPU dispatch without and with bf16 matmul hardware (a pair where they differ)."""
+    monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: hardware)
     q = layer(config)
     x = torch.randn(rows, q.in_features).to(dtype)
-    assert select_kernel(q, x) == expected
+    assert select_kernel(q, x) == (expected[hardware] if isinstance(expected, tuple) else expected)
     assert_agrees(q(x), q, x)
 
 
@@ -93,6 +105,7 @@ def test_dispatch_and_agreement(config, dtype, rows, expected):
 KERNEL_CONFIGS = {
     "dequant": QuantConfig(bits=2, group_size=16),
     "fp32-dequant": QuantConfig(bits=8, scheme="asym"),
+    "bf16-dequant": QuantConfig(bits=4, group_size=32),
     "int8pack": QuantConfig(bits=8),
     "int4pack": QuantConfig(bits=4, group_size=32),
 }
@@ -126,7 +139,7 @@ def test_int4pack_is_never_chosen_for_shapes_it_refuses():
     """The CPU int4 kernel wants the output size divisible by 16 (it raises otherwise)."""
     q = layer(QuantConfig(bits=4), out_features=40)
     x = torch.randn(2, q.in_features).bfloat16()
-    assert select_kernel(q, x) == "dequant"
+    assert select_kernel(q, x) == "fp32-dequant"
     assert_agrees(q(x), q, x)
 
 
@@ -225,7 +238,7 @@ def test_cuda_dispatch_follows_the_measured_rules(
 
 def test_the_cpu_int4_kernel_wants_16_output_rows_where_cuda_wants_8():
     q = shaped(INT4_G32, 384, 40)
-    assert choose_kernel(q, "cpu", torch.bfloat16, 1) == "dequant"
+    assert choose_kernel(q, "cpu", torch.bfloat16, 1) == "fp32-dequant"
     assert choose_kernel(q, "cuda", torch.bfloat16, 1) == "int4pack"
 
 
@@ -285,7 +298,7 @@ def test_kernel_plan_counts_the_quantized_layers_per_kernel():
     assert kernel_plan(model, "cpu", torch.bfloat16, 1) == {
         "int8pack": 1,
         "int4pack": 1,
-        "dequant": 1,
+        "fp32-dequant": 1,
     }
     assert kernel_plan(model, "cpu", torch.bfloat16, PREFILL_MIN_M) == {"fp32-dequant": 3}
     assert kernel_plan(model, "cpu", torch.float32, 1) == {"fp32-dequant": 3}
@@ -311,32 +324,88 @@ def in_a_new_thread(function):
         return pool.submit(function).result()
 
 
-def test_fp32_dequant_writes_into_one_reused_workspace_per_thread():
-    """The dequantized weight goes into the thread's float32 buffer, which grows to the
-    largest layer and is reused (a fresh one per call costs more in page faults than the
-    dequantization); results stay exact whatever the order of the layers."""
+#: Layers whose zero points are packed along the rows (8 or 16 to a word), per channel or
+#: group, or unpacked int8, or per tensor: what a tile of rows must slice differently.
+TILED_CONFIGS = [
+    QuantConfig(bits=4, group_size=32),
+    QuantConfig(bits=2, group_size=16),
+    QuantConfig(bits=4, granularity="channel"),
+    QuantConfig(bits=8, scheme="asym"),
+    QuantConfig(bits=4, granularity="tensor", scheme="asym"),
+    QuantConfig(bits=8, granularity="tensor"),
+]
+
+
+@pytest.mark.parametrize("config", TILED_CONFIGS, ids=lambda c: c.label)
+def test_integers_of_a_row_range_are_those_rows_of_the_whole(config):
+    """Every start and stop, including ranges that begin and end inside a zero-point word:
+    an off-by-one word or offset would shift a tile's zero points by rows."""
+    q = layer(config, 64, 37)
+    whole, zero = q.integers()
+    for start in range(37):
+        for stop in range(start + 1, 38):
+            part, part_zero = q.integers(slice(start, stop))
+            assert torch.equal(part, whole[start:stop])
+            if zero is None:
+                assert part_zero is None
+            elif zero.numel() == 1:  # per tensor: one zero point for every row
+                assert torch.equal(part_zero, zero)
+            else:
+                assert torch.equal(part_zero, zero[start:stop])
+
+
+@pytest.mark.parametrize("config", TILED_CONFIGS, ids=lambda c: c.label)
+@pytest.mark.parametrize("name", ["fp32-dequant", "bf16-dequant"])
+def test_tiled_kernels_agree_tile_by_tile(monkeypatch, config, name):
+    """Tiles of 5 rows (37 = 7 x 5 + 2: a short last tile, starts inside zero-point words):
+    float32 tiles give the float32 reference within float32 rounding of the sums (the
+    tiles' matmuls may add in another order), bf16 ones `assert_agrees`'s bound."""
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 5 * 64 + 3)
+    q = layer(config, 64, 37)
+    x = torch.randn(40, 64)
+    if name == "fp32-dequant":
+        exact = reference(q, x)
+        magnitude = x.abs() @ weight_terms(q).T + q.bias.float().abs()
+        assert (KERNELS[name](q, x) - exact).abs().le(64 * 2**-23 * magnitude).all()
+    else:
+        x = x.bfloat16()
+        assert_agrees(KERNELS[name](q, x), q, x)
+
+
+def test_tiled_kernels_reuse_one_tile_sized_workspace_per_thread():
+    """The tile goes into the thread's float32 buffer, which grows to the largest tile and is
+    reused (a fresh one per call costs page faults); it is a tile, not a whole weight."""
     small = layer(QuantConfig(bits=4, granularity="channel"), 64, 16)
     big = layer(QuantConfig(bits=8, scheme="asym"), 96, 48)
     x_big, x_small = torch.randn(40, 96), torch.randn(40, 64)
     cpu = torch.device("cpu")
 
+    def buffer():
+        return _workspaces.buffers[cpu, torch.float32]
+
     def run():
         assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
-        first = _workspace(small, cpu)
-        assert first.shape == (16, 64) and torch.equal(
-            first, small.dequantize_weight(torch.float32)
-        )
-        assert _workspace(small, cpu).data_ptr() == first.data_ptr()  # same size: kept
-        assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
-        grown = _workspace(big, cpu)  # a larger layer: a larger buffer
-        assert grown.shape == (48, 96) and torch.equal(grown, big.dequantize_weight(torch.float32))
+        first = buffer()
+        assert first.numel() == 16 * 64
         assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
-        assert _workspace(small, cpu).data_ptr() == grown.data_ptr()  # the large one, reused
+        assert buffer() is first  # same size: kept
         assert torch.equal(fp32_dequant(big, x_big), reference(big, x_big))
-        assert _workspace(big, cpu).data_ptr() == grown.data_ptr()
+        grown = buffer()  # a larger layer: a larger buffer
+        assert grown.numel() == 48 * 96
+        assert torch.equal(fp32_dequant(small, x_small), reference(small, x_small))
+        assert buffer() is grown  # the large one, reused
         return grown.data_ptr()
 
-    assert in_a_new_thread(run) != _workspace(big, cpu).data_ptr()  # each thread its own
+    in_a_new_thread(run)
+    huge = layer(QuantConfig(bits=8, scheme="asym"), 1024, 2048)
+
+    def huge_call():
+        assert_agrees(fp32_dequant(huge, x := torch.randn(1, 1024)), huge, x)
+        return buffer().numel()
+
+    assert in_a_new_thread(huge_call) == TILE_ELEMENTS  # 256 of its 2048 rows at a time
+    fp32_dequant(big, x_big)
+    assert in_a_new_thread(run) != buffer().data_ptr()  # each thread its own
 
 
 def test_fp32_dequant_returns_the_activation_dtype():

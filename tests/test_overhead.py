@@ -131,9 +131,11 @@ CHOICES = [
 @pytest.mark.parametrize("device", [*DECODE_ROWS, "mps"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("config", CHOICES, ids=lambda c: c.label)
-def test_one_kernel_serves_each_size_class(device, dtype, config):
+@pytest.mark.parametrize("hardware", [False, True], ids=["no-bf16-hw", "bf16-hw"])
+def test_one_kernel_serves_each_size_class(monkeypatch, device, dtype, config, hardware):
     """The cache keeps one kernel for fewer than DECODE_ROWS rows and one for the rest: this
     holds only while `choose_kernel` compares rows with no other threshold."""
+    monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: hardware)
     q = shaped(config, 256, 64)
     limit = DECODE_ROWS.get(device, 0)
     decode = {choose_kernel(q, device, dtype, rows) for rows in range(limit)}

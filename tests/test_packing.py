@@ -70,6 +70,18 @@ def test_int32_words_are_compressed_tensors_layout(bits, rows, length, dim, seed
     assert torch.equal(unpack_int32(words, bits, values.shape[dim], dim=dim), values)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_one_row_of_words_unpacks_along_the_rows_whatever_its_strides(bits):
+    """Zero points packed along the rows, one word row read alone (a one-token embedding
+    lookup, a tile of a layer's rows): its (1, n) slice has plain strides, which the
+    transposed (n, 1) view keeps, and a byte view refused them (a crash at decode)."""
+    values = torch.tensor([[-1, 0], [1, -2]], dtype=torch.int8)
+    words = pack_int32(values, bits, dim=0)
+    one_row = torch.empty(1, 2, dtype=torch.int32).copy_(words[:1])  # as indexing gives
+    assert one_row.stride() == (2, 1)
+    assert torch.equal(unpack_int32(one_row, bits, 2, dim=0), values)
+
+
 def test_int32_word_holds_first_value_in_lowest_bits():
     values = signed(list(range(16)) * 2, 4).reshape(1, 32)
     words = pack_int32(values, 4)

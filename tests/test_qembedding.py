@@ -48,16 +48,19 @@ def reference_table(table: QuantEmbedding, config: QuantConfig) -> torch.Tensor:
     return ct_dequantized(files, "t", config.bits, shape).to(files["t.weight_scale"].dtype)
 
 
+@pytest.mark.parametrize("ids", [IDS, torch.tensor([[VOCAB - 3]])], ids=["batch", "one token"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_a_lookup_returns_compressed_tensors_rows_bit_for_bit(scheme):
+def test_a_lookup_returns_compressed_tensors_rows_bit_for_bit(scheme, ids):
+    """A batch, and the one-token lookup of every decode step (its one word row of zero
+    points once crashed the unpacking)."""
     config, dim = SCHEMES[scheme]
     table = QuantEmbedding.from_weight(float_table(dim), None, config)
     reference = nn.Embedding.from_pretrained(reference_table(table, config))
-    got = table(IDS)
-    assert got.shape == (2, 4, dim) and got.dtype == (config.dtype or torch.float32)
-    assert torch.equal(got, reference(IDS))
+    got = table(ids)
+    assert got.shape == (*ids.shape, dim) and got.dtype == (config.dtype or torch.float32)
+    assert torch.equal(got, reference(ids))
     # and the table is quantized: the float table's rows are not what comes back
-    assert not torch.equal(got.float(), float_table(dim)[IDS])
+    assert not torch.equal(got.float(), float_table(dim)[ids])
 
 
 @pytest.mark.parametrize("scheme", ["int8-asym-channel", "int4-asym-g32"])

@@ -1,20 +1,23 @@
 """Matmul kernels for `QuantLinear`, and the rule that picks one for each call.
 
-Measured on a 2-core AVX2 CPU without bf16 hardware (see docs/benchmarks.md):
+Measured on a 2-core AVX2 EPYC without bf16 hardware and a 2-core Xeon with AMX (see
+docs/benchmarks.md):
 
 - ``int8pack``: PyTorch's fused W8A16 kernel (`torch._weight_int8pack_mm`) reads the int8
-  weight directly; with bf16 activations it is about 13x faster than dequantizing at
-  decode sizes on CPU (on CUDA it is no faster than dequantizing, so it is not used there).
+  weight directly; with bf16 activations it is 2.5-13x faster than dequantizing at decode
+  sizes on CPU (on CUDA it is no faster than dequantizing, so it is not used there).
   It needs per-channel (or per-tensor) symmetric int8, and on CPU it crashes the process
   for M >= 2 when K % 8 != 0, so that case never reaches it.
 - ``int4pack``: PyTorch's fused W4A16 kernels (tinygemm on CUDA, its CPU port otherwise)
   read 4-bit groups of 32..256 with bf16 activations. They want their own weight layout,
   made once per layer and device and cached (`int4pack_weight`).
-- ``fp32-dequant``: on CPU, from M ~ 32 tokens (prefill) an fp32 matmul on the dequantized
-  weight beats every int8/int4 kernel here (bf16 matmuls are slow on CPUs without bf16
-  units).
-- ``dequant``: the reference for everything else (2-bit, fp32 activations, odd shapes):
-  dequantize to the activation dtype and `F.linear`.
+- ``fp32-dequant`` and ``bf16-dequant``: on CPU, for everything the fused kernels don't
+  take and from `PREFILL_MIN_M` tokens (prefill, where their cost grows with the rows while
+  dequantizing costs the same), the weight dequantized in cache-sized tiles and multiplied
+  in float32, or in bf16 on CPUs with bf16 matmul hardware (`bf16_matmul_hardware`: 6x
+  faster than float32 at 512 rows there, several times slower elsewhere).
+- ``dequant``: the reference, and what other devices run outside the fused kernels:
+  dequantize the whole weight to the activation dtype and `F.linear`.
 
 A layer decides once per device, activation dtype and size class (decode: fewer rows than
 `DECODE_ROWS` says; prefill: the rest) which kernel runs, and prepares once what that
@@ -28,14 +31,15 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
 
 from quantcli.config import Granularity
 
-#: On CPU, from this many rows of activations (tokens) an fp32 matmul beats the fused kernels.
+#: On CPU, from this many rows of activations (tokens) a dequantized matmul beats the fused
+#: kernels (int8: 32-64 rows; int4: 32 on the EPYC, 64-96 on the AMX Xeon).
 PREFILL_MIN_M = 32
 #: Group sizes the int4 kernels accept.
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
@@ -64,15 +68,23 @@ def choose_kernel(layer, device: str, dtype: torch.dtype, rows: int) -> str:
 
 
 def _choose_on_cpu(layer, dtype: torch.dtype, rows: int) -> str:
-    if rows >= PREFILL_MIN_M or dtype == torch.float32:
-        return "fp32-dequant"
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and rows < PREFILL_MIN_M:
         kernel = fused_kernel(layer.config)
         if kernel == "int8pack" and _int8pack_fits(layer):
             return kernel
         if kernel == "int4pack" and _int4pack_fits_cpu(layer):
             return kernel
-    return "dequant"
+    if dtype == torch.bfloat16 and rows >= PREFILL_MIN_M and bf16_matmul_hardware():
+        return "bf16-dequant"
+    return "fp32-dequant"
+
+
+@cache
+def bf16_matmul_hardware() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16): there a
+    512-row bf16 matmul is 6x float32's (Xeon with AMX), elsewhere several times slower."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 def _choose_on_cuda(layer, dtype: torch.dtype, rows: int) -> str:
@@ -106,12 +118,13 @@ def preferred_dtype(config, device: str) -> torch.dtype:
     """The activation dtype that runs these layers fastest on `device`.
 
     GPUs: bf16 (fp16 where bf16 is missing). CPUs: bf16 where a fused kernel takes the
-    decode steps (prefill runs in fp32 either way), else fp32, because bf16 arithmetic is
-    slow on CPUs without bf16 units.
+    decode steps or bf16 matmuls have hardware (`bf16_matmul_hardware`), else fp32, because
+    bf16 arithmetic is slow on CPUs without bf16 units.
     """
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if fused_kernel(config) else torch.float32
+    fast = fused_kernel(config) or bf16_matmul_hardware()
+    return torch.bfloat16 if fast else torch.float32
 
 
 def kernel_plan(model: torch.nn.Module, device: str, dtype: torch.dtype, rows: int) -> Counter:
@@ -203,9 +216,9 @@ def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> to
 
 
 def _nothing(layer, dtype: torch.dtype) -> tuple:
-    """``dequant`` and ``fp32-dequant`` take nothing prepared: they dequantize the whole
-    weight per call anyway (nothing smaller can be kept), and the bias's conversion is
-    negligible beside that."""
+    """The dequantizing kernels take nothing prepared: they dequantize the whole weight per
+    call anyway (nothing smaller can be kept), and the bias's conversion is negligible
+    beside that."""
     return ()
 
 
@@ -214,25 +227,55 @@ def dequant(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def fp32_dequant(layer, x: torch.Tensor) -> torch.Tensor:
-    weight = layer.dequantize_weight(torch.float32, _workspace(layer, x.device))
-    return F.linear(x.float(), weight, _bias(layer, torch.float32)).to(x.dtype)
+    return _tiled_dequant(layer, x, torch.float32)
+
+
+def bf16_dequant(layer, x: torch.Tensor) -> torch.Tensor:
+    return _tiled_dequant(layer, x, torch.bfloat16)
+
+
+#: Weight elements per tile of `_tiled_dequant`: 1 MiB in float32, so that a tile's passes
+#: (unpack, convert, scale, matmul) stay in a core's L2 cache.
+TILE_ELEMENTS = 2**18
+
+
+def _tiled_dequant(layer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x @ W.T + b`` computed in `dtype`, the weight dequantized a tile of output rows at a
+    time into a reused float32 buffer (rounded to `dtype` when narrower) and multiplied at
+    once.
+
+    Dequantizing the whole weight first streams it through memory once per step (unpack,
+    convert, subtract, scale): 28 ms for a 5632x2048 int4 layer on one Xeon core, where the
+    same work in 1 MiB tiles takes 11-16 ms (a 512-row bf16 matmul: 11 ms); tiles also keep
+    the buffer small whatever the layer's size. The arithmetic is float32's (bf16's is slower
+    on CPUs and, for 2-bit groups, 2.5x slower), then one rounding.
+    """
+    rows = _rows(x).to(dtype)
+    out = torch.empty(rows.shape[0], layer.out_features, dtype=dtype, device=x.device)
+    tile_rows = min(max(1, TILE_ELEMENTS // layer.in_features), layer.out_features)
+    tile = _workspace(x.device, torch.float32, tile_rows, layer.in_features)
+    narrow = None if dtype == torch.float32 else _workspace(x.device, dtype, *tile.shape)
+    for start in range(0, layer.out_features, tile_rows):
+        stop = min(start + tile_rows, layer.out_features)
+        weight = layer.dequantize_weight(torch.float32, tile[: stop - start], slice(start, stop))
+        if narrow is not None:
+            weight = narrow[: stop - start].copy_(weight)
+        torch.mm(rows, weight.t(), out=out[:, start:stop])
+    return _finish(out, x, _bias(layer, dtype)).to(x.dtype)  # one rounding, bias included
 
 
 _workspaces = threading.local()
 
 
-def _workspace(layer, device: torch.device) -> torch.Tensor:
-    """A reused float32 ``(out, in)`` buffer for the dequantized weight, per thread.
-
-    A fresh buffer of a large layer costs more in page faults than the dequantization
-    itself (17 of 27 ms for 4096x4096 here); keeping the largest one costs its size once.
-    """
+def _workspace(device: torch.device, dtype: torch.dtype, rows: int, columns: int) -> torch.Tensor:
+    """A reused ``(rows, columns)`` buffer of `dtype` on `device`, per thread: one per device
+    and dtype, grown to the largest asked for (a fresh one per call would cost page faults)."""
     buffers = _workspaces.__dict__.setdefault("buffers", {})
-    size = layer.out_features * layer.in_features
-    buffer = buffers.get(device)
+    size = rows * columns
+    buffer = buffers.get((device, dtype))
     if buffer is None or buffer.numel() < size:
-        buffers[device] = buffer = torch.empty(size, dtype=torch.float32, device=device)
-    return buffer[:size].view(layer.out_features, layer.in_features)
+        buffers[device, dtype] = buffer = torch.empty(size, dtype=dtype, device=device)
+    return buffer[:size].view(rows, columns)
 
 
 def _int8pack_operands(layer, dtype: torch.dtype) -> tuple:
@@ -288,6 +331,7 @@ def int4pack_weight(layer) -> tuple[torch.Tensor, torch.Tensor]:
 _KERNELS: dict[str, tuple[Callable, Callable]] = {
     "dequant": (dequant, _nothing),
     "fp32-dequant": (fp32_dequant, _nothing),
+    "bf16-dequant": (bf16_dequant, _nothing),
     "int8pack": (_int8pack, _int8pack_operands),
     "int4pack": (_int4pack, _int4pack_operands),
 }

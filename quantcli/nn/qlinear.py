@@ -115,23 +115,38 @@ class QuantLinear(nn.Module):
             self.bias = bias.to(qweight.scale.dtype)
 
     def dequantize_weight(
-        self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+        self,
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+        rows: slice = slice(None),
     ) -> torch.Tensor:
-        """The float weight ``(out, in)`` these integers stand for (written into `out`)."""
-        qdata, zero = self.integers()
-        return dequantize(qdata, self.weight_scale, zero, dtype, out)
+        """The float weight ``(out, in)`` these integers stand for (written into `out`), or
+        its output rows `rows` (a step-1 slice: the tiled kernels dequantize a tile at a time)."""
+        qdata, zero = self.integers(rows)
+        scale = self.weight_scale
+        if self.config.granularity is not Granularity.TENSOR:
+            scale = scale[rows]
+        return dequantize(qdata, scale, zero, dtype, out)
 
-    def integers(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The int8 values ``(out, in)`` and zero points (None when symmetric), unpacked."""
+    def integers(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The int8 values ``(out, in)`` and zero points (None when symmetric), unpacked: all
+        of them, or those of output rows `rows` (a step-1 slice; only their words unpacked)."""
         bits = self.config.bits
         if self.config.packed:
-            qdata = unpack_int32(self.weight_packed, bits, self.in_features)
+            qdata = unpack_int32(self.weight_packed[rows], bits, self.in_features)
         else:
-            qdata = self.weight
+            qdata = self.weight[rows]
         zero = getattr(self, "weight_zero_point", None)
-        if zero is not None and self.config.packed and packs_zero_point(self.config):
-            zero = unpack_int32(zero, bits, self.out_features, dim=0)
-        return qdata, zero
+        if zero is None or self.config.granularity is Granularity.TENSOR:
+            return qdata, zero
+        if not (self.config.packed and packs_zero_point(self.config)):
+            return qdata, zero[rows]
+        start, stop, _ = rows.indices(self.out_features)
+        per_word = 32 // bits  # zero points are packed along the rows: unpack the words read
+        first = start // per_word
+        words = zero[first : -(-stop // per_word)]
+        values = unpack_int32(words, bits, max(stop - first * per_word, 0), dim=0)
+        return qdata, values[start - first * per_word :]
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """8-bit layers save their int8 weight as the checkpoint's packed words."""

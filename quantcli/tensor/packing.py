@@ -72,6 +72,8 @@ def unpack_int32(words: torch.Tensor, bits: int, length: int, dim: int = 1) -> t
     """Inverse of `pack_int32`: int8 values with `length` entries along `dim`."""
     require_little_endian()
     rows = words.transpose(0, 1) if dim == 0 else words
+    if rows.stride(-1) != 1:  # `contiguous` keeps a (n, 1) transpose's strides, `view` won't
+        rows = rows.clone(memory_format=torch.contiguous_format)
     values = unpack(rows.contiguous().view(torch.uint8), bits, length)
     return values.transpose(0, 1).contiguous() if dim == 0 else values
 
