@@ -3,7 +3,9 @@
 For each variant of one model, in the same process and on the same prompts:
 - decode: greedy tokens/s over 64 new tokens after a 16-token prompt, prefill excluded
   (time of 64 new tokens minus time of 1);
-- prefill: time to the first token of a 512-token prompt.
+- prefill: time to the first token of a 512-token prompt;
+- decode after it: tokens/s of the 64 new tokens that follow that prompt (attention then
+  reads 512+ cached positions a token).
 Variants: fp32 and bf16 (transformers), quantcli int8 and int4 g32 (and g128 where every
 layer's width allows it; quantized with quantcli, loaded with `quantcli.load` at bf16), and,
 when installed (`make bench` puts them in `.cache/peers`), optimum-quanto qint8/qint4
@@ -14,7 +16,8 @@ compiled decode step (`quantcli generate --compile`), measured after compilation
 `quantcli generate` runs: its streamer, first-token clock and reported decode speed) in
 turns with transformers' `generate` on the same model; "× generate" is the median ratio.
 
-"× float": decode against the faster of fp32 and bf16 here. "weight MB/token": bytes of
+"× float": decode against the faster of fp32 and bf16 here ("× float time": prefill time
+against the faster one's). "weight MB/token": bytes of
 the weights every decode step reads (linear layers and the output head; an embedding
 lookup reads one row); "% of copy": that times tok/s over the measured copy bandwidth
 (bytes read + written per second), the share of the memory bandwidth decoding reaches.
@@ -137,7 +140,8 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, options: dict) -> 
 
 
 def measure(model, device: str, new_tokens: int, prompt_tokens: int, compiled: bool):
-    """(decode tokens/s, prefill seconds) of one model, best of a few runs.
+    """(decode tokens/s after a 16-token prompt, prefill seconds of the long prompt, decode
+    tokens/s after it) of one model, best of a few runs.
 
     Compiled variants are warmed up with the measured lengths, so compilation is left out.
     """
@@ -150,7 +154,9 @@ def measure(model, device: str, new_tokens: int, prompt_tokens: int, compiled: b
     first = min(timed_generate(model, short, 1, options) for _ in range(3))
     full = min(timed_generate(model, short, new_tokens, options) for _ in range(2))
     prefill = min(timed_generate(model, long, 1, options) for _ in range(2))
-    return (new_tokens - 1) / max(full - first, 1e-9), prefill
+    long_full = min(timed_generate(model, long, new_tokens, options) for _ in range(2))
+    decode = (new_tokens - 1) / max(full - first, 1e-9)
+    return decode, prefill, (new_tokens - 1) / max(long_full - prefill, 1e-9)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -230,7 +236,10 @@ def main() -> None:
         compiled = name.endswith(" + compile")
         results[name] = measure(model, args.device, args.new_tokens, args.prompt_tokens, compiled)
         weights[name], loads[name] = weight_bytes_per_token(model), os.getloadavg()[0]
-        console.print(f"{name}: {results[name][0]:.2f} tok/s, prefill {results[name][1]:.2f} s")
+        decode, prefill, long_decode = results[name]
+        console.print(
+            f"{name}: {decode:.2f} tok/s, prefill {prefill:.2f} s, then {long_decode:.2f} tok/s"
+        )
         if name == "quantcli int8" and tokenizer is not None:
             through_cli = generate_text_against_generate(model, tokenizer, args.new_tokens)
             console.print(f"{name} via quantcli generate: {through_cli[1]:.2f}x generate")
@@ -243,15 +252,19 @@ def main() -> None:
         "× float",
         "weight MB/token",
         "% of copy",
+        f"decode tok/s after {args.prompt_tokens}",
+        "× float",
         "prefill s",
-        "× fp32 time",
+        "× float time",
         "load avg",
     )
     nan = float("nan")
     base_decode = results.get("bf16", (nan,))[0]
-    float_decode = max(results.get(name, (nan,))[0] for name in ("fp32", "bf16"))
-    base_prefill = results.get("fp32", (0, nan))[1]
-    for name, (decode, prefill) in results.items():
+    floats = [results[name] for name in ("fp32", "bf16") if name in results] or [(nan,) * 3]
+    float_decode = max(result[0] for result in floats)
+    float_prefill = min(result[1] for result in floats)
+    float_long = max(result[2] for result in floats)
+    for name, (decode, prefill, long_decode) in results.items():
         table.add_row(
             name,
             f"{decode:.2f}",
@@ -259,8 +272,10 @@ def main() -> None:
             f"{decode / float_decode:.2f}",
             f"{weights[name] / 1e6:.0f}",
             f"{100 * weights[name] * decode / bandwidth:.0f}%",
+            f"{long_decode:.2f}",
+            f"{long_decode / float_long:.2f}",
             f"{prefill:.2f}",
-            f"{prefill / base_prefill:.2f}",
+            f"{prefill / float_prefill:.2f}",
             f"{loads[name]:.1f}",
         )
         if name == "quantcli int8" and through_cli is not None:
@@ -276,8 +291,9 @@ def main() -> None:
         write_markdown(
             table,
             f"generate-{args.model}-{args.device}",
-            f"{args.new_tokens} new tokens (decode), {args.prompt_tokens}-token prompt (prefill); "
-            f"{torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s.",
+            f"{args.new_tokens} new tokens (decode) after a 16-token prompt and after a "
+            f"{args.prompt_tokens}-token one (prefill); {torch.get_num_threads()} threads; copy "
+            f"bandwidth {bandwidth / 1e9:.1f} GB/s.",
         )
 
 

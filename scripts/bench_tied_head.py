@@ -94,8 +94,8 @@ def main() -> None:
             del model
             model = quantcli.load(str(out))  # its fastest dtype, as `quantcli generate`
             # back to back with the bf16 original: the machine is shared, its load drifts
-            bf16_speed, _ = measure(bf16, "cpu", args.new_tokens, 16, compiled=False)
-            speed, _ = measure(model, "cpu", args.new_tokens, 16, compiled=False)
+            bf16_speed = measure(bf16, "cpu", args.new_tokens, 16, compiled=False)[0]
+            speed = measure(model, "cpu", args.new_tokens, 16, compiled=False)[0]
             size = folder_bytes(out)
             table.add_row(
                 scheme,

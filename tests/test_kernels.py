@@ -71,7 +71,7 @@ PREFILL = ("fp32-dequant", "bf16-dequant")
     [
         (QuantConfig(bits=8), torch.bfloat16, 1, "int8pack"),
         (QuantConfig(bits=8), torch.bfloat16, PREFILL_MIN_M - 1, "int8pack"),
-        (QuantConfig(bits=8), torch.bfloat16, PREFILL_MIN_M, PREFILL),
+        (QuantConfig(bits=8), torch.bfloat16, PREFILL_MIN_M, ("fp32-dequant", "int8pack")),
         (QuantConfig(bits=8, granularity="tensor"), torch.bfloat16, 3, "int8pack"),
         (QuantConfig(bits=8, scheme="asym"), torch.bfloat16, 3, "fp32-dequant"),
         (QuantConfig(bits=8, scheme="asym"), torch.bfloat16, 40, PREFILL),
@@ -89,6 +89,13 @@ PREFILL = ("fp32-dequant", "bf16-dequant")
         (QuantConfig(bits=4), torch.bfloat16, 128, PREFILL),
         (QuantConfig(bits=2, group_size=16), torch.bfloat16, 5, "fp32-dequant"),
         (QuantConfig(bits=2, group_size=16), torch.bfloat16, 40, PREFILL),
+        # with bf16 hardware the fused kernels keep more rows: int8pack up to 40, int4pack 96
+        (QuantConfig(bits=8), torch.bfloat16, 39, ("fp32-dequant", "int8pack")),
+        (QuantConfig(bits=8), torch.bfloat16, 40, PREFILL),
+        (QuantConfig(bits=4), torch.bfloat16, 95, ("fp32-dequant", "int4pack")),
+        (QuantConfig(bits=4), torch.bfloat16, 96, PREFILL),
+        (QuantConfig(bits=4, group_size=16), torch.bfloat16, 32, PREFILL),  # not fused: 32
+        (QuantConfig(bits=4, group_size=16), torch.bfloat16, 31, "fp32-dequant"),
     ],
 )
 @pytest.mark.parametrize("hardware", [False, True], ids=["no-bf16-hw", "bf16-hw"])

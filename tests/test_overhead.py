@@ -11,7 +11,7 @@ from test_kernels import assert_agrees, layer, shaped
 
 from quantcli import QuantConfig, QuantLinear
 from quantcli.nn import kernels
-from quantcli.nn.kernels import DECODE_ROWS, PREFILL_MIN_M, choose_kernel
+from quantcli.nn.kernels import PREFILL_MIN_M, choose_kernel, decode_rows
 
 #: Layers whose decode call runs each CPU kernel with a prepared operand.
 FUSED = {
@@ -128,16 +128,16 @@ CHOICES = [
 ]
 
 
-@pytest.mark.parametrize("device", [*DECODE_ROWS, "mps"])
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("config", CHOICES, ids=lambda c: c.label)
 @pytest.mark.parametrize("hardware", [False, True], ids=["no-bf16-hw", "bf16-hw"])
 def test_one_kernel_serves_each_size_class(monkeypatch, device, dtype, config, hardware):
-    """The cache keeps one kernel for fewer than DECODE_ROWS rows and one for the rest: this
-    holds only while `choose_kernel` compares rows with no other threshold."""
+    """The cache keeps one kernel for fewer than `decode_rows` rows and one for the rest:
+    this holds only while `choose_kernel` compares rows with no other threshold."""
     monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: hardware)
     q = shaped(config, 256, 64)
-    limit = DECODE_ROWS.get(device, 0)
+    limit = decode_rows(q, device)
     decode = {choose_kernel(q, device, dtype, rows) for rows in range(limit)}
     prefill = {choose_kernel(q, device, dtype, rows) for rows in range(limit, 4 * limit + 2)}
     assert len(decode) <= 1 and len(prefill) == 1
@@ -192,7 +192,7 @@ def test_the_decode_and_prefill_kernels_alternate_per_call(monkeypatch):
 @pytest.mark.parametrize("config", [QuantConfig(bits=8), QuantConfig(bits=4, group_size=32)])
 def test_a_layer_on_a_device_without_size_classes_runs(config):
     """Devices other than CPU and CUDA (here meta, as when a model is traced for shapes)
-    have no DECODE_ROWS entry: every call dequantizes, and a call must not fail."""
+    have no size classes (`decode_rows` 0): every call dequantizes, and a call must not fail."""
     q = QuantLinear.from_weight(
         torch.empty(48, 96, device="meta"), torch.empty(48, device="meta"), config
     )

@@ -12,7 +12,7 @@ docs/benchmarks.md):
   read 4-bit groups of 32..256 with bf16 activations. They want their own weight layout,
   made once per layer and device and cached (`int4pack_weight`).
 - ``fp32-dequant`` and ``bf16-dequant``: on CPU, for everything the fused kernels don't
-  take and from `PREFILL_MIN_M` tokens (prefill, where their cost grows with the rows while
+  take and from `decode_rows` tokens (prefill, where their cost grows with the rows while
   dequantizing costs the same), the weight dequantized in cache-sized tiles and multiplied
   in float32, or in bf16 on CPUs with bf16 matmul hardware (`bf16_matmul_hardware`: 6x
   faster than float32 at 512 rows there, several times slower elsewhere).
@@ -20,7 +20,7 @@ docs/benchmarks.md):
   dequantize the whole weight to the activation dtype and `F.linear`.
 
 A layer decides once per device, activation dtype and size class (decode: fewer rows than
-`DECODE_ROWS` says; prefill: the rest) which kernel runs, and prepares once what that
+`decode_rows` says; prefill: the rest) which kernel runs, and prepares once what that
 kernel takes (`prepared`: scales and bias in the activation dtype, int4pack's layout), so
 a decode call is the kernel and a few tensor views (`plan`; `QuantLinear.forward`).
 """
@@ -38,18 +38,20 @@ import torch.nn.functional as F
 
 from quantcli.config import Granularity
 
-#: On CPU, from this many rows of activations (tokens) a dequantized matmul beats the fused
-#: kernels (int8: 32-64 rows; int4: 32 on the EPYC, 64-96 on the AMX Xeon).
+#: On CPU, from this many rows of activations (tokens) a dequantized float32 matmul beats the
+#: fused kernels (measured on the AVX2 EPYC).
 PREFILL_MIN_M = 32
+#: The same, against bf16 tiles on CPUs with bf16 matmul hardware, per fused kernel: where
+#: the fused kernel's time (which grows with the rows) passes the tiles' (measured on the
+#: AMX Xeon, one core: int8pack 0.9x at 32 rows and 1.25x at 48, int4pack 0.68x at 64 and
+#: 1.0x at 96, the same on 576- to 5632-wide layers).
+BF16_HARDWARE_PREFILL_MIN_M = {"int8pack": 40, "int4pack": 96}
 #: Group sizes the int4 kernels accept.
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 #: tinygemm's inner K tiles on CUDA: K must be a multiple of 16 times this.
 CUDA_INNER_K_TILES = 8
 #: On CUDA, from this many rows dequantize-then-matmul beats tinygemm int4.
 CUDA_INT4PACK_MAX_M = 256
-#: Per device type, the rows from which a call is prefill-sized: the only threshold
-#: `choose_kernel` compares rows with there (other devices: every call is one class).
-DECODE_ROWS = {"cpu": PREFILL_MIN_M, "cuda": CUDA_INT4PACK_MAX_M}
 
 
 def select_kernel(layer, x: torch.Tensor) -> str:
@@ -67,14 +69,27 @@ def choose_kernel(layer, device: str, dtype: torch.dtype, rows: int) -> str:
     return "dequant"
 
 
+def decode_rows(layer, device: str) -> int:
+    """The rows from which a call of `layer` on a `device` ("cpu", "cuda") is prefill-sized:
+    the only threshold `choose_kernel` compares rows with (0 where every call is one class)."""
+    if device == "cuda":
+        return CUDA_INT4PACK_MAX_M
+    if device != "cpu":
+        return 0
+    if bf16_matmul_hardware():
+        return BF16_HARDWARE_PREFILL_MIN_M.get(fused_kernel(layer.config), PREFILL_MIN_M)
+    return PREFILL_MIN_M
+
+
 def _choose_on_cpu(layer, dtype: torch.dtype, rows: int) -> str:
-    if dtype == torch.bfloat16 and rows < PREFILL_MIN_M:
+    prefill = rows >= decode_rows(layer, "cpu")
+    if dtype == torch.bfloat16 and not prefill:
         kernel = fused_kernel(layer.config)
         if kernel == "int8pack" and _int8pack_fits(layer):
             return kernel
         if kernel == "int4pack" and _int4pack_fits_cpu(layer):
             return kernel
-    if dtype == torch.bfloat16 and rows >= PREFILL_MIN_M and bf16_matmul_hardware():
+    if dtype == torch.bfloat16 and prefill and bf16_matmul_hardware():
         return "bf16-dequant"
     return "fp32-dequant"
 
@@ -150,13 +165,13 @@ def _device(layer, device_type: str) -> torch.device:
 
 def plan(layer, device: torch.device, dtype: torch.dtype) -> tuple:
     """``(limit, decode, prefill)`` for `layer` and `dtype` activations on `device`: calls
-    with fewer than `limit` input elements (`DECODE_ROWS` rows) run ``decode``, the others
+    with fewer than `limit` input elements (`decode_rows` rows) run ``decode``, the others
     ``prefill``, each a ``(function, operands)`` pair from `prepared`. Made once per layer,
     device and dtype, and kept in the layer until its tensors change."""
     key = (device, dtype)
     found = layer._kernels.get(key)
     if found is None:
-        rows = DECODE_ROWS.get(device.type, 0)
+        rows = decode_rows(layer, device.type)
         decode = choose_kernel(layer, device.type, dtype, rows - 1) if rows else None
         prefill = choose_kernel(layer, device.type, dtype, rows)
         found = layer._kernels[key] = (
