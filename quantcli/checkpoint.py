@@ -501,7 +501,7 @@ def summarize(folder: Path, raw_quantization_config: object) -> CheckpointSummar
         check_format_version(metadata, str(folder))
         config, _ = parse_quantization_config(raw_quantization_config)
         kind = "quantcli" if "quantcli_version" in metadata else "compressed-tensors"
-        if _recorded_optimize(metadata):
+        if recorded_optimize(metadata):
             config = replace(config, optimize=True)
     else:
         method = getattr(raw_quantization_config, "get", lambda _: None)("quant_method")
@@ -530,7 +530,7 @@ def _model_order(name: str) -> list[tuple[int, int | str]]:
     ]
 
 
-def _recorded_optimize(metadata: dict[str, str]) -> bool:
+def recorded_optimize(metadata: dict[str, str]) -> bool:
     """Whether quantcli's metadata says the clipping search made these integers (the
     compressed-tensors config cannot say it: the layout is the same)."""
     try:

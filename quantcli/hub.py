@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantcli import __version__
-from quantcli.checkpoint import LOCAL_SOURCE_NAME, CheckpointSummary, read_eval
+from quantcli.checkpoint import (
+    LOCAL_SOURCE_NAME,
+    CheckpointSummary,
+    read_eval,
+    recorded_optimize,
+)
 from quantcli.config import Scheme
 from quantcli.errors import AuthError, CheckpointError, NotFoundError
 from quantcli.models.loading import summarize_folder
@@ -180,15 +185,18 @@ def model_card(folder: Path, summary: CheckpointSummary, repo_id: str) -> str:
 def _method_rows(meta: dict[str, str], folder: Path) -> list[tuple[str, str]]:
     """GPTQ's settings and calibration text, as the weights' header records them, and the
     time it took (recorded beside the weights once done)."""
+    clipping = ", clipping search" if recorded_optimize(meta) else ""
     if meta.get("quantization_method") != "gptq" or "gptq" not in meta:
-        return [("method", "round to nearest")] if meta.get("quantization_method") else []
+        method = [("method", f"round to nearest{clipping}")]
+        return method if meta.get("quantization_method") else []
     gptq = json.loads(meta["gptq"])
     text = gptq["calibration"]
     return [
         (
             "method",
             f"GPTQ (damp {gptq['damp']}, block size {gptq['block_size']}, "
-            f"{'act-order, static groups' if gptq.get('act_order') else 'no act-order'})",
+            f"{'act-order, static groups' if gptq.get('act_order') else 'no act-order'}"
+            f"{clipping})",
         ),
         ("calibration", f"{text['samples']} × {text['seq_len']} tokens of {text['name']}"),
         ("calibration sha256", text["sha256"]),

@@ -248,6 +248,27 @@ def gptq_checkpoint(saved_models, out, arch, config, calibration, act_order=Fals
     return out
 
 
+def test_the_stages_are_watched_once_per_kind_of_block(
+    saved_models, calibration, tmp_path, monkeypatch
+):
+    """Identical blocks call their linears in one order: the watching forward runs for the
+    first block only; a block whose linears differ (one excluded here) is watched anew."""
+    watched = []
+    original = gptq_walk.GPTQRunner._stages
+
+    def counting(self, block, layers):
+        watched.append(sorted(layers))
+        return original(self, block, layers)
+
+    monkeypatch.setattr(gptq_walk.GPTQRunner, "_stages", counting)
+    gptq_checkpoint(saved_models, tmp_path / "q", "llama", QuantConfig(bits=4), calibration)
+    assert len(watched) == 1 and watched[0][0].startswith("model.layers.0.")
+    watched.clear()
+    config = QuantConfig(bits=4, exclude=("model.layers.1.mlp.down_proj",))
+    gptq_checkpoint(saved_models, tmp_path / "e", "llama", config, calibration)
+    assert [names[0].split(".")[2] for names in watched] == ["0", "1"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 def test_every_layer_loses_less_than_round_to_nearest_on_its_activations(
     arch, saved_models, calibration, tmp_path, monkeypatch
@@ -379,17 +400,38 @@ def test_transformers_and_quantcli_load_it_with_equal_logits(
         assert torch.equal(theirs(ids).logits, ours(ids).logits)
 
 
-def test_quantize_method_gptq_on_the_command_line(saved_models, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("bits", "below_8"), [("4", True), ("8", False)])
+def test_quantize_method_gptq_on_the_command_line(
+    bits, below_8, saved_models, tmp_path, monkeypatch, capsys
+):
+    """Below 8 bits GPTQ defaults to act-order and the clipping search (where both measured
+    better, docs/accuracy.md), at 8 bits to neither; the header records what ran."""
     text = tmp_path / "calibration.jsonl"
     text.write_text("\n".join(json.dumps({"text": TEXT[i::3]}) for i in range(3)))
     out = tmp_path / "q"
     result = run_main(
-        monkeypatch, capsys, "quantize", saved_models("llama"), "--out", out, "--bits", "4",
+        monkeypatch, capsys, "quantize", saved_models("llama"), "--out", out, "--bits", bits,
         "--method", "gptq", "--calibration", text, "--samples", "4", "--seq-len", "32", "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["method"] == "gptq"
     assert json.loads((out / GPTQ_RECORD).read_text())["calibration"]["name"] == text.name
+    metadata = read_all_headers(weight_files(out))[1]
+    assert json.loads(metadata["gptq"])["act_order"] is below_8
+    assert json.loads(metadata["quantcli_config"])["optimize"] is below_8
+
+
+def test_round_to_nearest_keeps_the_full_range_by_default(
+    saved_models, tmp_path, monkeypatch, capsys
+):
+    """The clipping search is GPTQ's default below 8 bits, not round to nearest's."""
+    out = tmp_path / "q"
+    args = ("quantize", saved_models("llama"), "--out", out, "--bits", "4")
+    result = run_main(monkeypatch, capsys, *args)
+    assert result.returncode == 0, result.stderr
+    assert (
+        json.loads(read_all_headers(weight_files(out))[1]["quantcli_config"])["optimize"] is False
+    )
 
 
 @pytest.mark.parametrize(
@@ -429,8 +471,8 @@ def test_act_order_on_the_command_line_writes_an_ordinary_group_checkpoint(
     common = ["--bits", "4", "--scheme", "sym", "--group-size", "16", "--method", "gptq"]
     common += ["--samples", "4", "--seq-len", "32", "--json"]
     outs = {}
-    for flags in ([], ["--act-order"]):
-        outs[bool(flags)] = out = tmp_path / f"q{len(flags)}"
+    for flags in (["--no-act-order"], ["--act-order"]):
+        outs[flags == ["--act-order"]] = out = tmp_path / flags[0].strip("-")
         args = ("quantize", saved_models("llama"), "--out", out, *common, *flags)
         result = run_main(monkeypatch, capsys, *args)
         assert result.returncode == 0, result.stderr
@@ -502,6 +544,13 @@ def test_the_model_card_names_the_method_the_calibration_and_the_time(
     out = gptq_checkpoint(saved_models, tmp_path / "q", "llama", QuantConfig(bits=4), calibration)
     card = model_card(out, summarize_folder(out), "me/q")
     assert "| method | GPTQ (damp 0.01, block size 128, no act-order) |" in card
+    clipped = QuantConfig(bits=4, optimize=True)
+    out = gptq_checkpoint(saved_models, tmp_path / "c", "llama", clipped, calibration, True)
+    card = model_card(out, summarize_folder(out), "me/q")
+    assert (
+        "| method | GPTQ (damp 0.01, block size 128, act-order, static groups, clipping "
+        "search) |" in card
+    )
     assert f"| calibration | 6 × 40 tokens of {calibration.source.name} |" in card
     assert calibration.source.sha256 in card and "| GPTQ time |" in card
 

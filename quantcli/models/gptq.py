@@ -113,6 +113,7 @@ class GPTQRunner:
     _ready: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
     _inputs: list = field(default_factory=list)
+    _stage_cache: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.blocks_name, self.blocks = find_blocks(self.skeleton)
@@ -169,7 +170,7 @@ class GPTQRunner:
             for name, i in self._block_of.items()
             if i == index
         }
-        stages, once = self._stages(block, layers)
+        stages, once = self._stages_of(block, prefix, layers)
         for group in stages:
             self._quantize_stage(block, {name: layers[name] for name in group}, stop=once)
         self._forward(block, keep=True)  # the next block's inputs, through quantized weights
@@ -178,6 +179,18 @@ class GPTQRunner:
         self.seconds += time.perf_counter() - started
         if self.on_block:
             self.on_block(self._next, len(self.blocks))
+
+    def _stages_of(self, block, prefix: str, layers: dict[str, nn.Module]) -> tuple:
+        """`_stages`, watched once per kind of block: blocks of one class with the same
+        linears call them in the same order (a forward of the first batch saved per block)."""
+        relative = tuple(name.removeprefix(f"{prefix}.") for name in layers)
+        key = (type(block), relative)
+        if key not in self._stage_cache:
+            stages, once = self._stages(block, layers)
+            named = [[name.removeprefix(f"{prefix}.") for name in group] for group in stages]
+            self._stage_cache[key] = named, once
+        named, once = self._stage_cache[key]
+        return [[f"{prefix}.{name}" for name in group] for group in named], once
 
     def _stages(self, block, layers: dict[str, nn.Module]) -> tuple[list[list[str]], bool]:
         """The block's linears in the order its forward calls them, grouped by the input
