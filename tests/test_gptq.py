@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 import quantcli.models.gptq as gptq_walk
 from quantcli import QuantConfig
 from quantcli.checkpoint import read_all_headers, weight_files
+from quantcli.errors import CheckpointError
 from quantcli.models.calibration import calibration_set, read_calibration
 from quantcli.models.gptq import GPTQSettings, find_blocks
 from quantcli.models.loading import load_quantized
@@ -273,14 +274,22 @@ def test_the_stages_are_watched_once_per_kind_of_block(
 def test_every_layer_loses_less_than_round_to_nearest_on_its_activations(
     arch, saved_models, calibration, tmp_path, monkeypatch
 ):
-    seen = {}
-    original = gptq_walk.gptq_quantize
+    seen, hessians = {}, {}
+    original, original_prepare = gptq_walk.gptq_quantize, gptq_walk.prepare_hessian
+
+    def keeping(hessian, *args, **kwargs):  # the walk spends H making its factor
+        kept = hessian.clone()
+        ready = original_prepare(hessian, *args, **kwargs)
+        hessians[id(ready)] = (ready, kept)
+        return ready
 
     def recording(weight, hessian, *args, **kwargs):
         result = original(weight, hessian, *args, **kwargs)
-        seen[len(seen)] = (weight.clone(), hessian.clone(), result, args)
+        kept = hessians[id(kwargs["prepared"])][1]
+        seen[len(seen)] = (weight.clone(), kept, result, args)
         return result
 
+    monkeypatch.setattr(gptq_walk, "prepare_hessian", keeping)
     monkeypatch.setattr(gptq_walk, "gptq_quantize", recording)
     config = QuantConfig(bits=4)
     gptq_checkpoint(saved_models, tmp_path / "q", arch, config, calibration)
@@ -567,3 +576,25 @@ def test_the_head_has_no_block_to_calibrate_in_and_is_rounded_to_nearest_on_reco
     ours, _ = load_quantized(resolve_model(str(out)), dtype=None)
     theirs, _ = load_quantized(resolve_model(str(rtn)), dtype=None)
     assert torch.equal(ours.lm_head.integers()[0], theirs.lm_head.integers()[0])
+
+
+class _Toggle(torch.nn.Module):
+    """A block whose second linear reads the first's input on some samples only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x if x.sum() > 0 else 2 * x)
+
+
+def test_layers_that_share_an_input_only_sometimes_are_refused_not_given_one_hessian():
+    """Layers of a stage share the Hessian of the input they read together; one that reads
+    another tensor on some samples would get a Hessian of inputs it never saw."""
+    runner = object.__new__(gptq_walk.GPTQRunner)
+    runner.skeleton, runner.blocks_name = _Toggle(), "layers"
+    runner._inputs = [(torch.ones(3, 4), (), {}), (-torch.ones(3, 4), (), {})]
+    block = runner.skeleton
+    with pytest.raises(CheckpointError, match="reads inputs it shares with different layers"):
+        runner._quantize_stage(block, {"a": block.a, "b": block.b}, stop=True)

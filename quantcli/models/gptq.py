@@ -38,7 +38,6 @@ from quantcli.tensor.gptq import (
     DEFAULT_DAMP,
     Hessian,
     gptq_quantize,
-    input_product,
     prepare_hessian,
 )
 
@@ -231,20 +230,23 @@ class GPTQRunner:
 
     def _quantize_stage(self, block: nn.Module, layers: dict[str, nn.Module], stop: bool):
         """Accumulate the Hessians of one stage's layers on the block's inputs, through the
-        stages before it already quantized ("true sequential"), then GPTQ them. With
+        stages before it already quantized ("true sequential"), then GPTQ them. Layers that
+        read the same tensor (q/k/v, gate/up) share one Hessian and one Cholesky. With
         `stop` (each linear runs once per forward), a sample's forward ends once every
         layer of the stage has read its input: the rest of the block computes nothing
         this stage needs."""
-        hessians = {name: Hessian(linear_weight(m).shape[1]) for name, m in layers.items()}
-        last: list = [None, None, None]  # layers reading the same tensor share its product
+        hessians: dict[str, Hessian] = {}  # by the first layer to read each input
+        last: list = [None, None]  # the tensor read last, and its first reader
         sources: dict[str, set[str]] = {name: set() for name in layers}
         read: set[str] = set()  # the stage's layers that have read this sample's input
 
         def accumulate(name, x):
-            if last[0] is not x:
-                last[:] = [x, input_product(x), name]
-            hessians[name].add_product(*last[1])
-            sources[name].add(last[2])
+            if last[0] is not x or not stop:  # a linear run twice a forward: its own sum
+                last[:] = [x, name]
+                if name not in hessians:
+                    hessians[name] = Hessian(x.shape[-1])
+                hessians[name].add(x)
+            sources[name].add(last[1])
             read.add(name)
             if stop and len(read) == len(layers):
                 read.clear()
@@ -262,22 +264,32 @@ class GPTQRunner:
             for hook in hooks:
                 hook.remove()
         last.clear()
-        prepared = {}  # one Cholesky per distinct input (q/k/v, gate/up read the same)
+        shared = [names for names in sources.values() if len(names) != 1]
+        if shared:  # a layer read inputs first read by different layers: no one Hessian
+            raise CheckpointError(
+                f"GPTQ cannot walk {type(self.skeleton).__name__}: a linear of "
+                f"{self.blocks_name} reads inputs it shares with different layers in turn; "
+                "use --method rtn."
+            )
+        prepared = {}  # one Cholesky per distinct input
         for name, module in layers.items():
-            source = next(iter(sources[name])) if len(sources[name]) == 1 else name
-            if source not in prepared:
-                hessian = hessians[source].value()
-                ready = prepare_hessian(hessian, self.settings.damp, self.settings.act_order)
-                prepared[source] = (hessian, ready)
-            self._ready[name] = self._quantize(name, module, *prepared[source])
+            (source,) = sources[name]
+            if source not in prepared:  # H is spent making its factor (memory: one copy)
+                hessian = hessians.pop(source).value()
+                settings = self.settings
+                prepared[source] = prepare_hessian(
+                    hessian, settings.damp, settings.act_order, consume=True
+                )
+                del hessian
+            self._ready[name] = self._quantize(name, module, prepared[source])
 
-    def _quantize(self, name: str, module: nn.Module, hessian: torch.Tensor, ready) -> dict:
+    def _quantize(self, name: str, module: nn.Module, ready: tuple) -> dict:
         weight = linear_weight(module).detach()
         dtype = self._scale_dtypes[name]
         try:
             qweight = gptq_quantize(
                 weight,
-                hessian,
+                None,
                 self.config.bits,
                 self.config.scheme,
                 self.config.granularity,
