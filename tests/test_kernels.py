@@ -430,3 +430,19 @@ def test_every_kernel_takes_a_single_token_as_a_1d_input(name):
     out = KERNELS[name](q, x)
     assert out.shape == (q.out_features,)
     assert torch.equal(out, KERNELS[name](q, x[None])[0])
+
+
+@pytest.mark.parametrize("name", ["fp32-dequant", "bf16-dequant"])
+def test_tiled_kernels_run_and_backpropagate_outside_no_grad(monkeypatch, name):
+    """A forward outside `torch.no_grad` (activations that require grad: a model called
+    plainly) must run, and give activations their gradient: ``d sum(xWᵀ)/dx`` is the sum of
+    W's rows. Several tiles, so each must be kept for the backward."""
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 5 * 96)
+    q = layer(QuantConfig(bits=4, group_size=32), 96, 37)
+    dtype = torch.float32 if name == "fp32-dequant" else torch.bfloat16
+    x = torch.randn(3, 96, dtype=dtype, requires_grad=True)
+    out = KERNELS[name](q, x)
+    assert_agrees(out.detach(), q, x.detach())
+    out.float().sum().backward()
+    expected = q.dequantize_weight(torch.float32).sum(0).expand(3, -1)
+    assert torch.allclose(x.grad.float(), expected, rtol=2**-7, atol=2**-7)

@@ -266,16 +266,26 @@ def _tiled_dequant(layer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     on CPUs and, for 2-bit groups, 2.5x slower), then one rounding.
     """
     rows = _rows(x).to(dtype)
-    out = torch.empty(rows.shape[0], layer.out_features, dtype=dtype, device=x.device)
     tile_rows = min(max(1, TILE_ELEMENTS // layer.in_features), layer.out_features)
-    tile = _workspace(x.device, torch.float32, tile_rows, layer.in_features)
-    narrow = None if dtype == torch.float32 else _workspace(x.device, dtype, *tile.shape)
+    # under autograd (a forward outside no_grad) each tile is kept for the backward: fresh
+    # tiles, joined at the end; otherwise reused buffers and the output written in place
+    graph = torch.is_grad_enabled() and rows.requires_grad
+    tile = None if graph else _workspace(x.device, torch.float32, tile_rows, layer.in_features)
+    narrow = None if graph or dtype == torch.float32 else _workspace(x.device, dtype, *tile.shape)
+    out = torch.empty(rows.shape[0], layer.out_features, dtype=dtype, device=x.device)
+    pieces = []
     for start in range(0, layer.out_features, tile_rows):
         stop = min(start + tile_rows, layer.out_features)
-        weight = layer.dequantize_weight(torch.float32, tile[: stop - start], slice(start, stop))
-        if narrow is not None:
-            weight = narrow[: stop - start].copy_(weight)
-        torch.mm(rows, weight.t(), out=out[:, start:stop])
+        size = stop - start
+        weight = layer.dequantize_weight(
+            torch.float32, None if graph else tile[:size], slice(start, stop)
+        )
+        weight = weight.to(dtype) if narrow is None else narrow[:size].copy_(weight)
+        if graph:
+            pieces.append(rows @ weight.t())
+        else:
+            torch.mm(rows, weight.t(), out=out[:, start:stop])
+    out = torch.cat(pieces, dim=1) if graph else out
     return _finish(out, x, _bias(layer, dtype)).to(x.dtype)  # one rounding, bias included
 
 
