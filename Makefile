@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 CACHE ?= .cache
 
-.PHONY: install test test-vllm demo bench docs cli-reference figures lint format clean mutate
+.PHONY: install test test-vllm demo bench llmc docs cli-reference figures lint format clean mutate
 
 install: $(STAMP)
 
@@ -42,6 +42,19 @@ PEERS := $(CACHE)/peers
 $(PEERS)/.installed: $(STAMP)
 	$(PY) -m pip install -q --no-deps --target $(PEERS) optimum-quanto==0.2.7 torchao==0.18.0 ninja
 	touch $@
+
+# llm-compressor, the anchor of `--method gptq` (scripts/bench_gptq.py's llm-compressor rows),
+# in its own venv: it pins its own transformers and compressed-tensors. Not a dependency of
+# `make bench`, whose llm-compressor rows are skipped without it; `make llmc` installs it.
+LLMC_VENV := $(CACHE)/llmc-venv
+LLMC_SPEC ?= llmcompressor==0.14.0.1
+$(LLMC_VENV)/.installed:
+	$(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LLMC_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(LLMC_SPEC)"
+	touch $@
+
+llmc: $(LLMC_VENV)/.installed
 
 bench: $(VENV)/.smollm2 $(PEERS)/.installed
 	$(PY) scripts/bench.py --cache $(CACHE) --docs

@@ -3,7 +3,10 @@
 Each command runs in its own process; its peak RSS (whole process, as the kernel counts
 it) is compared with the peak of a process that only imports quantcli, torch and
 transformers. Models: the real SmolLM2-135M, and synthetic Llamas with random bf16 weights
-of two sizes, to show that quantize memory does not grow with the model.
+of two sizes, to show that quantize memory does not grow with the model. GPTQ
+(`--method gptq`, int4 g32) runs on the smaller Llama only (--gptq-layers): it holds a
+block's float32 weights, the calibration samples' activations and the Hessians of its
+largest layer, and must stay below the float checkpoint's size.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from safetensors.torch import save_file
 from smollm2 import smollm2_folder
 from transformers import LlamaConfig
 
+from quantcli.models.calibration import DEFAULT_SAMPLES, default_calibration
 from quantcli.models.skeleton import build_skeleton
 
 MEASURE = (
@@ -88,14 +92,45 @@ def synthetic_llama(folder: Path, layers: int) -> Path:
     return folder
 
 
+def add_tokenizer(folder: Path, vocab_size: int) -> None:
+    """Give a synthetic Llama a tokenizer, which GPTQ needs to cut its calibration text:
+    a byte-level BPE learnt from that text (quantcli's shipped default), its ids below the
+    model's vocabulary size. The weights are random, so what the tokens mean is immaterial;
+    only their number counts (samples × seq_len)."""
+    if (folder / "tokenizer.json").exists():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 8000),
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator([default_calibration().text], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 24])
+    parser.add_argument(
+        "--gptq-layers", type=int, nargs="*", default=[8], help="Llamas that also get GPTQ"
+    )
+    parser.add_argument(
+        "--gptq-samples", type=int, default=DEFAULT_SAMPLES, help="GPTQ calibration samples"
+    )
+    parser.add_argument("--threads", type=int, help="quantcli's --threads (default: its own)")
     parser.add_argument("--docs", action="store_true", help="also write docs/generated/*.md")
     args = parser.parse_args()
     console = Console(width=200)
     models = {"SmolLM2-135M (bf16)": smollm2_folder(args.cache)}
+    gptq_models = set()
     for layers in args.layers:
         started = time.perf_counter()
         folder = synthetic_llama(args.cache / "bench" / f"llama-2048x{layers}", layers)
@@ -103,6 +138,10 @@ def main() -> None:
             f"synthetic Llama {layers} layers ready ({time.perf_counter() - started:.0f} s)"
         )
         models[f"Llama 2048 x {layers} layers (bf16)"] = folder
+        if layers in args.gptq_layers:
+            add_tokenizer(folder, LlamaConfig.from_pretrained(folder).vocab_size)
+            gptq_models.add(folder)
+    threads = ["--threads", str(args.threads)] if args.threads else []
 
     # the imports every run pays: quantcli, torch, transformers and the model's own module
     _, baseline = measure(
@@ -125,7 +164,11 @@ def main() -> None:
     ):
         table.add_column(column)
     for label, folder in models.items():
-        for scheme, options in {"int8": ["--bits", "8"], "int4 g32": ["--bits", "4"]}.items():
+        schemes = {"int8": ["--bits", "8"], "int4 g32": ["--bits", "4"]}
+        if folder in gptq_models:
+            gptq = ["--method", "gptq", "--samples", str(args.gptq_samples)]
+            schemes[f"int4 g32 gptq ({args.gptq_samples}×512)"] = ["--bits", "4", *gptq]
+        for scheme, options in schemes.items():
             out = args.cache / "bench" / "out"
             q_time, q_peak = measure(
                 sys.executable,
@@ -136,10 +179,13 @@ def main() -> None:
                 "--out",
                 str(out),
                 *options,
+                *threads,
                 "--overwrite",
                 "--json",
             )
-            l_time, l_peak = measure(sys.executable, "-m", "quantcli", "load", str(out), "--json")
+            l_time, l_peak = measure(
+                sys.executable, "-m", "quantcli", "load", str(out), *threads, "--json"
+            )
             source, quantized = folder_bytes(folder), folder_bytes(out)
             table.add_row(
                 label,
@@ -154,9 +200,10 @@ def main() -> None:
                 f"{(l_peak - baseline) / quantized:.2f}",
             )
             shutil.rmtree(out)
-    console.print(table)
+    note = f"quantize and load with `--threads {args.threads}`." if args.threads else ""
+    console.print(table, note)
     if args.docs:
-        write_markdown(table, "memory")
+        write_markdown(table, "memory", note)
 
 
 if __name__ == "__main__":
