@@ -198,7 +198,8 @@ def prepare_hessian(
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U holds, scaled, how the
     error of column i spreads over the columns after it once columns before i are fixed.
-    In float64, factored in place: two float64 copies of H at most (5632 inputs: 508 MB)."""
+    In float64, every step in place (LAPACK's own way): one float64 copy of H (5632 inputs:
+    254 MB), where a copy per step made four."""
     h64 = h.double()
     try:
         torch.linalg.cholesky(h64, out=h64)
@@ -207,9 +208,8 @@ def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
             "the Hessian of a layer's inputs is not positive definite even after damping: "
             "raise --damp (e.g. 0.1) or give more calibration text."
         ) from None
-    inverse = torch.cholesky_inverse(h64)
-    del h64  # before the last factor's float32 copy
-    return torch.linalg.cholesky(inverse, upper=True, out=inverse).float()
+    torch.cholesky_inverse(h64, out=h64)
+    return torch.linalg.cholesky(h64, upper=True, out=h64).float()
 
 
 def _per_row(param: torch.Tensor, rows: int) -> torch.Tensor:
