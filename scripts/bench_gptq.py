@@ -49,10 +49,13 @@ SCHEMES = {
     "int2 asym g16": ["--bits", "2", "--scheme", "asym", "--group-size", "16"],
 }
 #: Methods and their extra `quantcli quantize` options (llm-compressor: llmc_worker.py's).
+#: "gptq (default)": `--method gptq` as it comes, act-order and the clipping search below 8
+#: bits; the other two pin both, to compare with llm-compressor's minmax scales.
 METHODS = {
     "rtn": [],
-    "gptq": [],
-    "gptq act-order": ["--act-order"],
+    "gptq": ["--no-act-order", "--no-optimize"],
+    "gptq act-order": ["--act-order", "--no-optimize"],
+    "gptq (default)": [],
     "llm-compressor": [],
     "llm-compressor act-order": ["--act-order"],
 }

@@ -190,7 +190,9 @@ def prepare_hessian(
     order = None
     if act_order:
         order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h = h[order][:, order]
+        rows = torch.index_select(h, 0, order)  # permuted back into h: one copy at a time
+        torch.index_select(rows, 1, order, out=h)
+        del rows
     h.diagonal().add_(damp * torch.diagonal(h).mean())
     return dead, order, _inverse_cholesky_upper(h)
 
