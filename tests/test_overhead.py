@@ -258,3 +258,17 @@ def test_a_kernel_by_name_prepares_for_the_activation_dtype():
     assert q.weight_scale.dtype == torch.float32
     x = torch.randn(3, q.in_features).bfloat16()
     assert_agrees(kernels.KERNELS["int8pack"](q, x), q, x)
+
+
+@pytest.mark.parametrize("hardware", [False, True], ids=["no-bf16-hw", "bf16-hw"])
+def test_size_classes_per_device(monkeypatch, hardware):
+    """Where the decode class ends: CUDA at tinygemm's limit, CPU at PREFILL_MIN_M (with bf16
+    hardware, per fused kernel), other devices nowhere (one class)."""
+    monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: hardware)
+    int8, int4 = (shaped(config, 256, 64) for config in FUSED.values())
+    two_bit = shaped(QuantConfig(bits=2, group_size=16), 256, 64)
+    assert decode_rows(int4, "cuda") == kernels.CUDA_INT4PACK_MAX_M == 256
+    assert decode_rows(int8, "cpu") == (40 if hardware else PREFILL_MIN_M)
+    assert decode_rows(int4, "cpu") == (96 if hardware else PREFILL_MIN_M)
+    assert decode_rows(two_bit, "cpu") == PREFILL_MIN_M == 32
+    assert decode_rows(int4, "mps") == decode_rows(int4, "meta") == 0
