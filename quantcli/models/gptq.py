@@ -277,12 +277,10 @@ class GPTQRunner:
         for name, module in layers.items():
             (source,) = sources[name]
             if source not in prepared:  # H is spent making its factor (memory: one copy)
-                hessian = hessians.pop(source).value()
                 settings = self.settings
                 prepared[source] = prepare_hessian(
-                    hessian, settings.damp, settings.act_order, consume=True
+                    hessians.pop(source), settings.damp, settings.act_order
                 )
-                del hessian
             self._ready[name] = self._quantize(name, module, prepared[source])
 
     def _quantize(self, name: str, module: nn.Module, ready: tuple) -> dict:

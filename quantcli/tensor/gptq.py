@@ -176,15 +176,18 @@ def gptq_quantize(
 
 
 def prepare_hessian(
-    hessian: torch.Tensor, damp: float, act_order: bool = False, consume: bool = False
+    hessian: torch.Tensor | Hessian, damp: float, act_order: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The dead columns (zero diagonal), the order to round the columns in (None: as they
     are; with `act_order`, decreasing diagonal, ties in column order) and the upper Cholesky
-    factor of the damped H⁻¹ in that order. `consume`: `hessian` is the caller's to spend
-    (a float32 H it holds no other reference to): worked on in place, no copy."""
-    h = hessian.detach().float()
-    if not consume:
-        h = h.clone()
+    factor of the damped H⁻¹ in that order.
+
+    Given the `Hessian` accumulator rather than H, its sum is spent in place: H is then
+    held here only, and freed once converted to float64, so the widest layer's peak is one
+    float32 and one float64 copy at the conversion, one float64 copy after it.
+    """
+    h = hessian.value() if isinstance(hessian, Hessian) else hessian.detach().float().clone()
+    del hessian
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     order = None
@@ -194,24 +197,25 @@ def prepare_hessian(
         torch.index_select(rows, 1, order, out=h)
         del rows
     h.diagonal().add_(damp * torch.diagonal(h).mean())
-    return dead, order, _inverse_cholesky_upper(h)
+    h64 = h.double()
+    del h
+    return dead, order, _inverse_cholesky_upper(h64)
 
 
 def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU): row i of U holds, scaled, how the
-    error of column i spreads over the columns after it once columns before i are fixed.
-    In float64, every step in place (LAPACK's own way): one float64 copy of H (5632 inputs:
-    254 MB), where a copy per step made four."""
-    h64 = h.double()
+    """The upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) from a float64 H, in its storage:
+    row i of U holds, scaled, how the error of column i spreads over the columns after it
+    once columns before i are fixed. Every step in place (LAPACK's own way), where a copy
+    per step made four float64 copies of H (5632 inputs: 254 MB each)."""
     try:
-        torch.linalg.cholesky(h64, out=h64)
+        torch.linalg.cholesky(h, out=h)
     except torch.linalg.LinAlgError:
         raise UsageError(
             "the Hessian of a layer's inputs is not positive definite even after damping: "
             "raise --damp (e.g. 0.1) or give more calibration text."
         ) from None
-    torch.cholesky_inverse(h64, out=h64)
-    return torch.linalg.cholesky(h64, upper=True, out=h64).float()
+    torch.cholesky_inverse(h, out=h)
+    return torch.linalg.cholesky(h, upper=True, out=h).float()
 
 
 def _per_row(param: torch.Tensor, rows: int) -> torch.Tensor:
