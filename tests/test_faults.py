@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 from cli_checks import assert_one_line_error, run_main, run_quantcli
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -102,7 +103,12 @@ def slow_model(tmp_path_factory):
         num_key_value_heads=8,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).to_empty(device="cpu").bfloat16().save_pretrained(folder)
+    model = LlamaForCausalLM(config).to_empty(device="cpu")  # no init: fast, but garbage
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # uninitialised memory can hold NaNs, which quantize refuses
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.02, generator=generator)
+    model.bfloat16().save_pretrained(folder)
     return folder
 
 
