@@ -13,10 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantcli.config import Granularity
 from quantcli.nn.qlinear import QuantLinear
-from quantcli.tensor.packing import unpack_int32
-from quantcli.tensor.quantize import dequantize
 
 
 class QuantEmbedding(QuantLinear):
@@ -36,25 +33,7 @@ class QuantEmbedding(QuantLinear):
         self.embedding_dim = in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = ids.reshape(-1)
-        if self.config.packed:
-            codes = unpack_int32(self.weight_packed[rows], self.config.bits, self.in_features)
-        else:
-            codes = self.weight[rows]
-        scale = self.weight_scale
-        if self.config.granularity is not Granularity.TENSOR:
-            scale = scale[rows]
-        zero = getattr(self, "weight_zero_point", None)
-        if zero is not None and self.config.granularity is not Granularity.TENSOR:
-            if self.config.packed:  # packed along the rows: unpack only the words read
-                per_word = 32 // self.config.bits
-                words = zero[rows // per_word]  # (rows, groups): the word holding each
-                words = unpack_int32(words, self.config.bits, len(rows) * per_word, dim=0)
-                first = torch.arange(len(rows), device=rows.device) * per_word
-                zero = words[first + rows % per_word]
-            else:
-                zero = zero[rows]
-        values = dequantize(codes, scale, zero)  # in the scale's dtype
+        values = self.dequantize_weight(rows=ids.reshape(-1))  # in the scale's dtype
         return values.reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

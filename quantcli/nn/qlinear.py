@@ -118,19 +118,23 @@ class QuantLinear(nn.Module):
         self,
         dtype: torch.dtype | None = None,
         out: torch.Tensor | None = None,
-        rows: slice = slice(None),
+        rows: slice | torch.Tensor = slice(None),
     ) -> torch.Tensor:
         """The float weight ``(out, in)`` these integers stand for (written into `out`), or
-        its output rows `rows` (a step-1 slice: the tiled kernels dequantize a tile at a time)."""
+        its output rows `rows`: a step-1 slice (the tiled kernels' tiles) or indices (an
+        embedding's lookups)."""
         qdata, zero = self.integers(rows)
         scale = self.weight_scale
         if self.config.granularity is not Granularity.TENSOR:
             scale = scale[rows]
         return dequantize(qdata, scale, zero, dtype, out)
 
-    def integers(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def integers(
+        self, rows: slice | torch.Tensor = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The int8 values ``(out, in)`` and zero points (None when symmetric), unpacked: all
-        of them, or those of output rows `rows` (a step-1 slice; only their words unpacked)."""
+        of them, or those of output rows `rows` (a step-1 slice or indices), only the words
+        those rows are in unpacked."""
         bits = self.config.bits
         if self.config.packed:
             qdata = unpack_int32(self.weight_packed[rows], bits, self.in_features)
@@ -141,8 +145,12 @@ class QuantLinear(nn.Module):
             return qdata, zero
         if not (self.config.packed and packs_zero_point(self.config)):
             return qdata, zero[rows]
-        start, stop, _ = rows.indices(self.out_features)
         per_word = 32 // bits  # zero points are packed along the rows: unpack the words read
+        if isinstance(rows, torch.Tensor):  # the word holding each row, each unpacked
+            words = unpack_int32(zero[rows // per_word], bits, len(rows) * per_word, dim=0)
+            first = torch.arange(len(rows), device=rows.device) * per_word
+            return qdata, words[first + rows % per_word]
+        start, stop, _ = rows.indices(self.out_features)
         first = start // per_word
         words = zero[first : -(-stop // per_word)]
         values = unpack_int32(words, bits, max(stop - first * per_word, 0), dim=0)
