@@ -187,8 +187,9 @@ def _method_rows(meta: dict[str, str], folder: Path) -> list[tuple[str, str]]:
     time it took (recorded beside the weights once done)."""
     clipping = ", clipping search" if recorded_optimize(meta) else ""
     if meta.get("quantization_method") != "gptq" or "gptq" not in meta:
-        method = [("method", f"round to nearest{clipping}")]
-        return method if meta.get("quantization_method") else []
+        return (
+            [("method", f"round to nearest{clipping}")] if meta.get("quantization_method") else []
+        )
     gptq = json.loads(meta["gptq"])
     text = gptq["calibration"]
     return [

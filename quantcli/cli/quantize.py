@@ -201,6 +201,8 @@ def quantize(
     below_8 = int(bits.value) < 8  # where GPTQ's options measured better (docs/accuracy.md)
     if optimize is None:
         optimize = method is Method.gptq and below_8
+    if act_order is None:
+        act_order = below_8
     config = QuantConfig(
         bits=int(bits.value),
         scheme=scheme,
@@ -225,10 +227,7 @@ def quantize(
         text = read_calibration(calibration)
         tokenizer = load_tokenizer(source.folder)
         gptq = GPTQSettings(
-            calibration_set(text, tokenizer, samples, seq_len),
-            damp,
-            block_size,
-            below_8 if act_order is None else act_order,
+            calibration_set(text, tokenizer, samples, seq_len), damp, block_size, act_order
         )
     with gptq_progress_bar(disable=json_output) as progress:
         task = progress.add_task("Quantizing", total=None)
