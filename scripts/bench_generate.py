@@ -7,8 +7,9 @@ For each variant of one model, in the same process and on the same prompts:
 - decode after it: tokens/s of the 64 new tokens that follow that prompt (attention then
   reads 512+ cached positions a token).
 Variants: fp32 and bf16 (transformers), quantcli int8 and int4 g32 (and g128 where every
-layer's width allows it; quantized with quantcli, loaded with `quantcli.load` at bf16), and,
-when installed (`make bench` puts them in `.cache/peers`), optimum-quanto qint8/qint4
+layer's width allows it; quantized with quantcli, loaded with `quantcli.load` at bf16), on a
+CPU where quantcli's own int8 kernel runs also "quantcli int8 (int8pack)" (the same model
+decoding with PyTorch's int8 kernel instead), and, when installed (`make bench` puts them in `.cache/peers`), optimum-quanto qint8/qint4
 (`quantize` + `freeze`, bf16) and torchao `Int8WeightOnlyConfig`. Every quantized variant
 keeps the output head in float. "+ compile": the same model with a static KV cache and a
 compiled decode step (`quantcli generate --compile`), measured after compilation.
@@ -35,6 +36,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from bench_kernels import copy_bandwidth
@@ -50,6 +52,7 @@ from quantcli.config import QuantConfig
 from quantcli.models.generation import compile_options, generate_text
 from quantcli.models.source import resolve_model
 from quantcli.models.streaming import quantize_checkpoint
+from quantcli.nn import kernels
 
 QUANTCLI = {"quantcli int8": QuantConfig(bits=8), "quantcli int4 g32": QuantConfig(bits=4)}
 #: Variants for models whose every linear layer is a multiple of 128 wide.
@@ -70,6 +73,13 @@ def quantcli_model(folder: Path, config: QuantConfig, cache: Path, device: str):
     if not (out / "config.json").exists():
         quantize_checkpoint(resolve_model(str(folder)), out, config, overwrite=True)
     return quantcli.load(str(out), device=device, dtype=torch.bfloat16)
+
+
+def pytorch_int8_model(folder: Path, cache: Path, device: str):
+    """quantcli int8 decoding with PyTorch's int8pack, as where quantcli's own kernel cannot
+    be built: that kernel's gain, measured in the same run (kernels are chosen at load)."""
+    with patch.object(kernels, "native_int8", lambda: False):
+        return quantcli_model(folder, QUANTCLI["quantcli int8"], cache, device)
 
 
 def quanto_model(folder: Path, bits: int, device: str, dtype: torch.dtype = torch.bfloat16):
@@ -104,6 +114,8 @@ def variants(folder: Path, cache: Path, device: str) -> dict:
     wide = config.hidden_size % 128 == 0 and config.intermediate_size % 128 == 0
     for name, config in (QUANTCLI | WIDE if wide else QUANTCLI).items():
         found[name] = lambda config=config: quantcli_model(folder, config, cache, device)
+    if device == "cpu" and kernels.native_int8():
+        found["quantcli int8 (int8pack)"] = lambda: pytorch_int8_model(folder, cache, device)
     for name in ("bf16", *QUANTCLI):
         found[f"{name} + compile"] = found[name]
     if installed("optimum.quanto"):

@@ -50,14 +50,38 @@ def pytest_collection_modifyitems(items):
 
 #: What this CPU answers (before `fixed_cpu_kind` pins it): CLI runs in a subprocess see it.
 BF16_MATMUL_HARDWARE = kernels.bf16_matmul_hardware()
+#: Whether quantcli's int8 kernel runs here (built now, once per machine, if it can be).
+NATIVE_INT8 = kernels.native_int8()
+#: The mark of tests of quantcli's int8 kernel, which needs a C++ compiler and AVX2.
+needs_native_int8 = pytest.mark.skipif(
+    not NATIVE_INT8, reason="quantcli's int8 kernel could not be built or run here"
+)
+
+
+def kernel_names() -> list:
+    """Every kernel's name as a test parameter, quantcli's own marked `needs_native_int8`."""
+    return [
+        pytest.param(name, marks=needs_native_int8) if name == "int8-native" else name
+        for name in kernels.KERNELS
+    ]
 
 
 @pytest.fixture(autouse=True)
 def fixed_cpu_kind(monkeypatch):
     """Dispatch depends on whether the CPU has bf16 matmul hardware, and CI's CPU changes
     between runs (an AVX2 EPYC, an AMX Xeon): in-process tests see a CPU without it unless
-    they ask for `bf16_hardware`, so each expectation is checked on every machine."""
+    they ask for `bf16_hardware`, so each expectation is checked on every machine. Likewise
+    quantcli's int8 kernel is off unless a test asks for `native_int8` (it may not build)."""
     monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: False)
+    monkeypatch.setattr(kernels, "native_int8", lambda: False)
+
+
+@pytest.fixture
+def native_int8(monkeypatch):
+    """quantcli's int8 kernel on, as where it builds (skipped where it does not)."""
+    if not NATIVE_INT8:
+        pytest.skip("quantcli's int8 kernel could not be built or run here")
+    monkeypatch.setattr(kernels, "native_int8", lambda: True)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from cli_checks import run_quantcli
-from conftest import BF16_MATMUL_HARDWARE
+from conftest import BF16_MATMUL_HARDWARE, NATIVE_INT8, needs_native_int8
 from tiny_models import char_tokenizer, sample_inputs
 
 from quantcli import QuantConfig
@@ -100,8 +100,12 @@ def test_generation_reports_prefill_and_decode_speed(checkpoints, monkeypatch):
     assert result.tokens_per_second == 6 / 14
 
 
-def test_compiled_decoding_gives_the_same_tokens(checkpoints):
-    model, _ = load(checkpoints / "int4")
+@pytest.mark.parametrize("scheme", ["int4", pytest.param("int8", marks=needs_native_int8)])
+def test_compiled_decoding_gives_the_same_tokens(request, checkpoints, scheme):
+    """int8 decodes with quantcli's own kernel, which the compiler traces as an opaque op."""
+    if scheme == "int8":
+        request.getfixturevalue("native_int8")
+    model, _ = load(checkpoints / scheme)
     tokenizer = char_tokenizer()
     eager = generate_text(model, tokenizer, "hello", max_new_tokens=5, chat=False)
     torch._dynamo.reset()
@@ -117,12 +121,14 @@ quantcli = run_quantcli
 def test_load_verbose_and_json_name_the_kernels(checkpoints):
     human = quantcli("load", checkpoints / "int8", "--verbose")
     assert human.returncode == 0, human.stderr
-    assert "bfloat16" in human.stdout and "int8pack x14" in human.stdout
-    prefill = "bf16-dequant" if BF16_MATMUL_HARDWARE else "fp32-dequant"  # this CPU's
+    decode = "int8-native" if NATIVE_INT8 else "int8pack"  # this machine's, as prefill's
+    assert "bfloat16" in human.stdout and f"{decode} x14" in human.stdout
+    prefill = "bf16-dequant" if BF16_MATMUL_HARDWARE else "fp32-dequant"
     assert f"{prefill} x14" in human.stdout
     summary = json.loads(quantcli("load", checkpoints / "int8", "--json", "--dtype", "fp32").stdout)
     assert summary["dtype"] == "float32"
-    assert summary["kernels"]["decode (1 token)"] == {"fp32-dequant": 14}
+    decode = "int8-native" if NATIVE_INT8 else "fp32-dequant"  # quantcli's takes float32 too
+    assert summary["kernels"]["decode (1 token)"] == {decode: 14}
 
 
 def test_generate_json_reports_speed_and_dtype(checkpoints):

@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import kernel_names
 
 from quantcli import QuantConfig, QuantLinear
 from quantcli.nn import kernels
@@ -114,11 +115,12 @@ KERNEL_CONFIGS = {
     "fp32-dequant": QuantConfig(bits=8, scheme="asym"),
     "bf16-dequant": QuantConfig(bits=4, group_size=32),
     "int8pack": QuantConfig(bits=8),
+    "int8-native": QuantConfig(bits=8),
     "int4pack": QuantConfig(bits=4, group_size=32),
 }
 
 
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", kernel_names())
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 5)], ids=str)
 def test_every_kernel_agrees_on_3d_inputs(name, shape):
     q = layer(KERNEL_CONFIGS[name])
@@ -423,7 +425,7 @@ def test_fp32_dequant_returns_the_activation_dtype():
     assert torch.equal(out, reference(q, x).bfloat16())  # fp32 math, one rounding at the end
 
 
-@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("name", kernel_names())
 def test_every_kernel_takes_a_single_token_as_a_1d_input(name):
     q = layer(KERNEL_CONFIGS[name])
     x = torch.randn(q.in_features).bfloat16()

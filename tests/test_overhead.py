@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import needs_native_int8
 from test_kernels import assert_agrees, layer, shaped
 
 from quantcli import QuantConfig, QuantLinear
@@ -18,7 +19,22 @@ FUSED = {
     # float32 scales: the bf16 ones int8pack takes are a prepared copy, which can go stale
     "int8pack": QuantConfig(bits=8, dtype=torch.float32),
     "int4pack": QuantConfig(bits=4, group_size=32),
+    # float32 scales again: it takes a float32 copy, which must follow a bf16 layer's too
+    "int8-native": QuantConfig(bits=8, dtype=torch.float32),
 }
+#: The kernel names of `FUSED` as test parameters (quantcli's own where it builds).
+FUSED_NAMES = [
+    pytest.param(name, marks=needs_native_int8) if name == "int8-native" else name
+    for name in FUSED
+]
+
+
+@pytest.fixture(autouse=True)
+def native_when_named(request, monkeypatch):
+    """Tests given quantcli's int8 kernel by name run with it on, as where it builds."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("name") == "int8-native":
+        monkeypatch.setattr(kernels, "native_int8", lambda: True)
 
 
 def decode_and_prefill(q, dtype=torch.bfloat16):
@@ -57,7 +73,7 @@ def test_the_kernel_is_chosen_once_per_device_dtype_and_size_class(monkeypatch, 
     assert len(chosen) == 6
 
 
-@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("name", FUSED_NAMES)
 def test_loading_weights_in_place_renews_the_prepared_operands(name):
     """`load_state_dict` without assign copies into the same tensors: the prepared int4
     layout (cached on the tensor's identity before) and int8 scales must not outlive it."""
@@ -70,7 +86,7 @@ def test_loading_weights_in_place_renews_the_prepared_operands(name):
     assert not q(decode).equal(before)
 
 
-@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("name", FUSED_NAMES)
 def test_assigning_a_tensor_renews_the_prepared_operands(name):
     q = layer(FUSED[name])
     decode, _ = decode_and_prefill(q)
@@ -81,7 +97,7 @@ def test_assigning_a_tensor_renews_the_prepared_operands(name):
     assert_agrees(q(decode), q, decode)  # and the renewed operands are kept
 
 
-@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("name", FUSED_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_converting_the_layer_renews_the_prepared_operands(name, dtype):
     """`.to(dtype)` converts the scales and bias into new tensors; the next call prepares
@@ -97,7 +113,7 @@ def test_converting_the_layer_renews_the_prepared_operands(name, dtype):
     assert q.weight_scale.dtype == dtype and q.bias.dtype == dtype
 
 
-@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("name", FUSED_NAMES)
 def test_a_copy_prepares_its_own_operands(name):
     q = layer(FUSED[name])
     decode, _ = decode_and_prefill(q)
@@ -108,7 +124,7 @@ def test_a_copy_prepares_its_own_operands(name):
     assert q(decode).equal(before)
 
 
-@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("name", FUSED_NAMES)
 def test_the_state_dict_holds_the_checkpoint_tensors_only(name):
     q = layer(FUSED[name])
     before = {key: value.clone() for key, value in q.state_dict().items()}
@@ -221,7 +237,7 @@ def test_a_call_after_the_first_does_not_plan_again(monkeypatch):
     assert planned == [(decode.device, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("name", FUSED_NAMES)
 def test_plans_and_operands_are_made_once_and_kept(monkeypatch, name):
     """Counted: planning again (`prepare_kernels` twice) chooses nothing new, and a kernel
     called by name (`KERNELS`) prepares its operands on the first call only."""
@@ -265,7 +281,7 @@ def test_size_classes_per_device(monkeypatch, hardware):
     """Where the decode class ends: CUDA at tinygemm's limit, CPU at PREFILL_MIN_M (with bf16
     hardware, per fused kernel), other devices nowhere (one class)."""
     monkeypatch.setattr(kernels, "bf16_matmul_hardware", lambda: hardware)
-    int8, int4 = (shaped(config, 256, 64) for config in FUSED.values())
+    int8, int4 = (shaped(FUSED[name], 256, 64) for name in ("int8pack", "int4pack"))
     two_bit = shaped(QuantConfig(bits=2, group_size=16), 256, 64)
     assert decode_rows(int4, "cuda") == kernels.CUDA_INT4PACK_MAX_M == 256
     assert decode_rows(int8, "cpu") == (40 if hardware else PREFILL_MIN_M)

@@ -8,6 +8,7 @@ stored, so a coarser or finer step than the formulas give cannot hide in the bou
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_native_int8
 from ct_reference import args, ct_dequantize, reference_step
 
 from quantcli import QuantConfig, QuantLinear
@@ -104,12 +105,16 @@ KERNEL_CONFIGS = {
     "dequant": QuantConfig(bits=2, group_size=16),
     "fp32-dequant": QuantConfig(bits=8, scheme="asym"),
     "int8pack": QuantConfig(bits=8),
+    "int8-native": QuantConfig(bits=8),
     "int4pack": QuantConfig(bits=4, group_size=32),
     "int4pack-sym": QuantConfig(bits=4, group_size=32, scheme="sym"),
 }
 
 
-@pytest.mark.parametrize("name", KERNEL_CONFIGS)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=needs_native_int8) if n == "int8-native" else n for n in KERNEL_CONFIGS],
+)
 def test_kernels_have_no_systematic_scale_error(name):
     """Each kernel's bf16 output against a float32 reference built by compressed-tensors'
     dequantize from the layer's integers (not by quantcli's).
